@@ -1,0 +1,166 @@
+"""COCO-format detection data read through pycocotools, with the quirks of real COCO files handled.
+
+- category ids need not be contiguous: they map to labels 1..K for training (0 is background) and
+  back to the original ids in every result file;
+- ``iscrowd=1`` boxes are not trained on (COCOeval still uses them to ignore matches);
+- boxes with zero width or height, or wholly outside their image, are dropped (counted, one warning);
+  boxes partly outside are clipped;
+- images without annotations stay in the set; grayscale, RGBA and palette images become RGB.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+
+from dmkd.errors import UserError
+
+
+def load_coco(ann_file: str | os.PathLike) -> COCO:
+    """Read and check a COCO instances file; every problem is a one-line ``UserError``."""
+    path = Path(ann_file)
+    if not path.is_file():
+        raise UserError(f"{path}: annotation file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read ({error})") from error
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must hold a JSON object with 'images', 'annotations' and 'categories'")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"{path}: field '{key}' is missing or not a list")
+    if not data["categories"]:
+        raise UserError(f"{path}: field 'categories' is empty")
+    data.setdefault("annotations", [])
+    for index, image in enumerate(data["images"]):
+        for key in ("id", "file_name"):
+            if key not in image:
+                raise UserError(f"{path}: images[{index}] has no '{key}'")
+    for index, ann in enumerate(data["annotations"]):
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in ann:
+                raise UserError(f"{path}: annotations[{index}] has no '{key}'")
+        if not (isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4):
+            raise UserError(f"{path}: annotations[{index}].bbox must be [x, y, width, height]")
+        ann.setdefault("id", index + 1)
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images and targets (``boxes`` x0y0x1y1 float, ``labels`` 1..K, ``image_id``, ``orig_size``)."""
+
+    def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, transforms=None,
+                 coco: COCO | None = None):
+        self.ann_file = str(ann_file)
+        self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise UserError(f"{self.image_dir}: image folder not found")
+        self.coco = coco if coco is not None else load_coco(ann_file)
+        self.transforms = transforms
+        self.category_ids = sorted(self.coco.getCatIds())
+        self.label_to_category = {label: cid for label, cid in enumerate(self.category_ids, start=1)}
+        category_to_label = {cid: label for label, cid in self.label_to_category.items()}
+        self.image_ids = sorted(self.coco.getImgIds())
+        self.targets = {}
+        dropped = 0
+        for image_id in self.image_ids:
+            info = self.coco.imgs[image_id]
+            width, height = info.get("width"), info.get("height")
+            boxes, labels = [], []
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                if ann.get("iscrowd", 0):
+                    continue
+                if ann["category_id"] not in category_to_label:
+                    raise UserError(f"{self.ann_file}: annotation {ann['id']} has category_id "
+                                    f"{ann['category_id']}, which is not in 'categories'")
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                x0, y0, x1, y1 = x, y, x + w, y + h
+                if width and height:
+                    x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+                    y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+                if x1 - x0 < 1e-3 or y1 - y0 < 1e-3:
+                    dropped += 1
+                    continue
+                boxes.append([x0, y0, x1, y1])
+                labels.append(category_to_label[ann["category_id"]])
+            self.targets[image_id] = (np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
+        self.dropped_boxes = dropped
+        if dropped:
+            warnings.warn(f"{self.ann_file}: dropped {dropped} boxes with zero width/height or outside their image",
+                          stacklevel=2)
+
+    @property
+    def num_classes(self) -> int:
+        """Detector classes, background included."""
+        return len(self.category_ids) + 1
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def load_image(self, image_id: int) -> Image.Image:
+        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+        try:
+            with Image.open(path) as image:
+                if image.mode in ("P", "PA") and "transparency" in image.info:
+                    image = image.convert("RGBA")
+                return image.convert("RGB")
+        except FileNotFoundError as error:
+            raise UserError(f"{path}: image file not found") from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise UserError(f"{path}: cannot decode image ({type(error).__name__})") from error
+
+    def __getitem__(self, index: int):
+        image_id = self.image_ids[index]
+        image = self.load_image(image_id)
+        boxes, labels = self.targets[image_id]
+        target = {
+            "boxes": torch.from_numpy(boxes.copy()),
+            "labels": torch.from_numpy(labels.copy()),
+            "image_id": image_id,
+            "orig_size": (image.height, image.width),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def to_coco_results(outputs: list[dict], targets: list[dict], images: list[torch.Tensor],
+                    label_to_category: dict[int, int]) -> list[dict]:
+    """Detector outputs on resized images -> COCO result dicts in original image coordinates."""
+    results = []
+    for output, target, image in zip(outputs, targets, images):
+        orig_h, orig_w = target["orig_size"]
+        scale = torch.tensor([orig_w / image.shape[-1], orig_h / image.shape[-2]] * 2)
+        boxes = output["boxes"].detach().float().cpu() * scale
+        boxes[:, 2:] -= boxes[:, :2]
+        for box, score, label in zip(boxes.tolist(), output["scores"].tolist(), output["labels"].tolist()):
+            if label not in label_to_category:  # label 0 is background; one-stage heads can still emit it
+                continue
+            results.append({
+                "image_id": int(target["image_id"]),
+                "category_id": int(label_to_category[int(label)]),
+                "bbox": [round(v, 2) for v in box],
+                "score": round(float(score), 5),
+            })
+    return results

@@ -1,0 +1,53 @@
+"""torch.distributed helpers that also work when no process group is initialised."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average each value over all ranks (every rank must pass the same keys)."""
+    if not is_distributed() or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return {k: v / world_size() for k, v in zip(keys, tensor.tolist())}
+
+
+def gather_to_main(items: list) -> list | None:
+    """Concatenate every rank's list on rank 0; other ranks get None."""
+    if not is_distributed():
+        return items
+    gathered = [None] * world_size() if is_main() else None
+    dist.gather_object(items, gathered, dst=0)
+    return [item for part in gathered for item in part] if is_main() else None
+
+
+def broadcast_from_main(obj):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

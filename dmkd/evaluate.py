@@ -1,0 +1,84 @@
+"""COCO bbox evaluation with pycocotools ``COCOeval``.
+
+    python -m dmkd.evaluate --ann instances_val.json --results results.json
+prints one JSON object: AP, AP50, AP75, APs, APm, APl and AR1, AR10, AR100, ARs, ARm, ARl.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from dmkd.data import load_coco
+from dmkd.errors import UserError, one_line
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
+    """COCO bbox metrics of ``results`` (COCO result dicts) against ``coco_gt``.
+
+    A figure COCOeval cannot compute (no ground truth of that size) is reported as -1, as COCOeval
+    does; no predictions at all give 0 for every figure.
+    """
+    if not results:
+        return {name: 0.0 for name in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(list(results))
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(np.round(value, 6)) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+
+
+def load_results(path: str | Path, coco_gt: COCO) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: results file not found")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
+    if not isinstance(results, list):
+        raise UserError(f"{path}: must hold a JSON list of COCO results")
+    known_images, known_categories = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    for index, result in enumerate(results):
+        if not isinstance(result, dict):
+            raise UserError(f"{path}: [{index}] must be an object")
+        for key in ("image_id", "category_id", "bbox", "score"):
+            if key not in result:
+                raise UserError(f"{path}: [{index}] has no '{key}'")
+        if result["image_id"] not in known_images:
+            raise UserError(f"{path}: [{index}].image_id {result['image_id']} is not in the annotation file")
+        if result["category_id"] not in known_categories:
+            raise UserError(f"{path}: [{index}].category_id {result['category_id']} is not in the annotation file")
+        if not (isinstance(result["bbox"], list) and len(result["bbox"]) == 4):
+            raise UserError(f"{path}: [{index}].bbox must be [x, y, width, height]")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ann", required=True, help="COCO instances JSON (ground truth)")
+    parser.add_argument("--results", required=True, help="COCO results JSON (detections)")
+    args = parser.parse_args(argv)
+    try:
+        coco_gt = load_coco(args.ann)
+        metrics = coco_evaluate(coco_gt, load_results(args.results, coco_gt))
+    except UserError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""torchvision detectors built without any download, and taps on their FPN features.
+
+Every model is built with ``weights=None, weights_backbone=None``; real weights come only from a
+local checkpoint (:func:`load_weights`).
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from dmkd.errors import UserError
+
+
+def _slim_resnet(widths: tuple[int, int, int, int], blocks: tuple[int, int, int, int]) -> Callable[[], nn.Module]:
+    """A ResNet of BasicBlocks with narrower stages, for the CPU mini-benchmark."""
+
+    def build() -> nn.Module:
+        model = resnet.ResNet(resnet.BasicBlock, list(blocks), norm_layer=nn.BatchNorm2d)
+        # Rebuild the stages at the requested widths; keep torchvision's attribute names so the FPN
+        # extractor and state-dict keys look like any torchvision ResNet.
+        model.inplanes = widths[0]
+        model.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        model.bn1 = nn.BatchNorm2d(widths[0])
+        model.layer1 = model._make_layer(resnet.BasicBlock, widths[0], blocks[0])
+        model.layer2 = model._make_layer(resnet.BasicBlock, widths[1], blocks[1], stride=2)
+        model.layer3 = model._make_layer(resnet.BasicBlock, widths[2], blocks[2], stride=2)
+        model.layer4 = model._make_layer(resnet.BasicBlock, widths[3], blocks[3], stride=2)
+        model.fc = nn.Linear(widths[3], 1)
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        return model
+
+    return build
+
+
+def _torchvision_resnet(name: str) -> Callable[[], nn.Module]:
+    return lambda: getattr(resnet, name)(weights=None, norm_layer=nn.BatchNorm2d)
+
+
+# Plain BatchNorm, not torchvision's FrozenBatchNorm2d: frozen statistics are useless on a random init.
+BACKBONES: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": _torchvision_resnet("resnet18"),
+    "resnet34": _torchvision_resnet("resnet34"),
+    "resnet50": _torchvision_resnet("resnet50"),
+    "resnet101": _torchvision_resnet("resnet101"),
+    "resnet10": _slim_resnet((64, 128, 256, 512), (1, 1, 1, 1)),
+    "resnet10_half": _slim_resnet((32, 64, 128, 256), (1, 1, 1, 1)),
+    "resnet10_quarter": _slim_resnet((16, 32, 64, 128), (1, 1, 1, 1)),
+}
+ARCHITECTURES = ("fcos", "retinanet", "fasterrcnn")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """What a detector is made of. ``num_classes`` counts the background (labels are 1..K)."""
+
+    arch: str = "fcos"
+    backbone: str = "resnet18"
+    fpn_channels: int = 128
+    num_classes: int = 4
+    image_size: int = 96
+    head_convs: int = 4  # FCOS / RetinaNet tower depth
+    anchor_scale: float = 4.0  # RetinaNet / Faster R-CNN anchor size as a multiple of the level's stride
+    score_thresh: float = 0.05
+
+    def validate(self, where: str = "detector") -> None:
+        if self.arch not in ARCHITECTURES:
+            raise UserError(f"{where}.arch: unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.backbone not in BACKBONES:
+            raise UserError(f"{where}.backbone: unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.fpn_channels <= 0 or self.fpn_channels % 32:
+            raise UserError(f"{where}.fpn_channels: must be a positive multiple of 32 (GroupNorm heads), but got {self.fpn_channels}")
+        if self.num_classes < 2:
+            raise UserError(f"{where}.num_classes: must be at least 2 (background + one class), but got {self.num_classes}")
+        if self.image_size < 32:
+            raise UserError(f"{where}.image_size: must be at least 32, but got {self.image_size}")
+
+
+def _backbone_with_fpn(cfg: DetectorConfig, returned_layers: list[int], extra_blocks: nn.Module | None) -> BackboneWithFPN:
+    body = BACKBONES[cfg.backbone]()
+    stage_channels = [_stage_out_channels(getattr(body, f"layer{i}")) for i in range(1, 5)]
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{k}": str(v) for v, k in enumerate(returned_layers)},
+        in_channels_list=[stage_channels[i - 1] for i in returned_layers],
+        out_channels=cfg.fpn_channels,
+        extra_blocks=extra_blocks,
+    )
+
+
+def _stage_out_channels(stage: nn.Sequential) -> int:
+    block = stage[-1]
+    last_conv = block.conv3 if hasattr(block, "conv3") else block.conv2
+    return last_conv.out_channels
+
+
+def build_detector(cfg: DetectorConfig) -> nn.Module:
+    """A randomly initialised torchvision detector; images are resized to ``cfg.image_size`` at most."""
+    cfg.validate()
+    size_kwargs = dict(min_size=cfg.image_size, max_size=cfg.image_size)
+    c = cfg.fpn_channels
+    if cfg.arch == "fcos":
+        backbone = _backbone_with_fpn(cfg, [2, 3, 4], LastLevelP6P7(c, c))
+        head = FCOSHead(c, num_anchors=1, num_classes=cfg.num_classes, num_convs=cfg.head_convs)
+        anchors = AnchorGenerator(sizes=tuple((8 * 2**i,) for i in range(5)), aspect_ratios=((1.0,),) * 5)
+        return FCOS(backbone, cfg.num_classes, head=head, anchor_generator=anchors,
+                    score_thresh=cfg.score_thresh, **size_kwargs)
+    if cfg.arch == "retinanet":
+        backbone = _backbone_with_fpn(cfg, [2, 3, 4], LastLevelP6P7(c, c))
+        sizes = tuple(tuple(cfg.anchor_scale * 8 * 2**i * 2 ** (k / 3) for k in range(3)) for i in range(5))
+        anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+        head = RetinaNetHead(c, anchors.num_anchors_per_location()[0], cfg.num_classes,
+                             norm_layer=partial(nn.GroupNorm, 32))
+        head.classification_head.conv = head.classification_head.conv[: cfg.head_convs]
+        head.regression_head.conv = head.regression_head.conv[: cfg.head_convs]
+        return RetinaNet(backbone, cfg.num_classes, anchor_generator=anchors, head=head,
+                         score_thresh=cfg.score_thresh, **size_kwargs)
+    backbone = _backbone_with_fpn(cfg, [1, 2, 3, 4], LastLevelMaxPool())
+    sizes = tuple((cfg.anchor_scale * 4 * 2**i,) for i in range(5))
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    return FasterRCNN(backbone, cfg.num_classes, rpn_anchor_generator=anchors,
+                      box_score_thresh=cfg.score_thresh, **size_kwargs)
+
+
+class FeatureTap:
+    """Keeps the FPN feature dict of the detector's last forward pass, taken by a hook on its backbone.
+
+    The detector's own forward computes the features once; the tap only holds on to them, so the
+    distillation loss needs no second forward of the student.
+    """
+
+    def __init__(self, detector: nn.Module):
+        self.features: OrderedDict[str, torch.Tensor] | None = None
+        self._handle = detector.backbone.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs, output) -> None:
+        self.features = output
+
+    def pop(self) -> OrderedDict[str, torch.Tensor]:
+        if self.features is None:
+            raise RuntimeError("FeatureTap.pop: the detector has not run a forward pass since the last pop")
+        features, self.features = self.features, None
+        return features
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class TeacherFeatures(nn.Module):
+    """Runs only a teacher detector's transform, backbone and FPN: eval mode, no gradients, no head."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "TeacherFeatures":
+        return super().train(False)  # the teacher's BatchNorm statistics stay frozen
+
+    @torch.no_grad()
+    def forward(self, images: list[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        image_list, _ = self.detector.transform(images)
+        return self.detector.backbone(image_list.tensors)
+
+
+def feature_shapes(detector: nn.Module, image_size: int) -> OrderedDict[str, tuple[int, int, int]]:
+    """(channels, height, width) of each FPN level for one square image of ``image_size``."""
+    was_training = detector.training
+    detector.eval()
+    with torch.no_grad():
+        image_list, _ = detector.transform([torch.zeros(3, image_size, image_size)])
+        features = detector.backbone(image_list.tensors)
+    detector.train(was_training)
+    return OrderedDict((name, tuple(f.shape[1:])) for name, f in features.items())
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local checkpoint: a state dict, or a training checkpoint holding one under ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise UserError(f"{path}: not a readable torch checkpoint ({type(error).__name__})") from error
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise UserError(f"{path}: weights do not fit this detector ({first})") from error

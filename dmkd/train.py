@@ -1,0 +1,396 @@
+"""Train a detector, optionally distilled from a teacher; also runs under DDP.
+
+    python -m dmkd.train                       # the mini-benchmark teacher, on the embedded data set
+    python -m dmkd.train --role student        # the mini-benchmark student without distillation
+
+Writes into ``--out``: ``run.json`` (resolved config, seed, git commit, package versions),
+``checkpoint.pt`` (every epoch, atomically), ``metrics.json`` (per-epoch figures, ``final`` holds the
+last) and ``predictions.json`` (COCO results with the data set's original category ids).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dmkd import distributed as dist_utils
+from dmkd.config import from_dict, to_dict
+from dmkd.data import CocoDetection, collate, load_coco, to_coco_results
+from dmkd.errors import UserError, one_line
+from dmkd.evaluate import coco_evaluate
+from dmkd.io import atomic_write, atomic_write_json
+from dmkd.models import DetectorConfig, FeatureTap, build_detector
+from dmkd.provenance import provenance
+from dmkd.synthetic import ensure_mini_benchmark
+from dmkd.transforms import eval_transforms, train_transforms
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# The embedded mini-benchmark pair: measured numbers are in the README.
+MINI_TEACHER = DetectorConfig(arch="fcos", backbone="resnet18", fpn_channels=128, image_size=96, head_convs=4)
+MINI_STUDENT = DetectorConfig(arch="fcos", backbone="resnet10_quarter", fpn_channels=64, image_size=96, head_convs=2)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Data paths left empty mean the embedded mini-benchmark under ``data_dir``."""
+
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    data_dir: str = "data/mini"
+    out: str = "runs/teacher"
+    detector: DetectorConfig = MINI_TEACHER
+    epochs: int = 8
+    max_iters: int | None = None  # cap on iterations per epoch, for smoke runs
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_iters: int = 100
+    grad_clip: float = 10.0
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast, on CUDA only
+    eval_every: int = 1
+    resume: bool = False
+    # Distillation: ``method`` names a distiller; ``distill`` holds its parameters.
+    method: str = "none"
+    teacher: DetectorConfig | None = None
+    teacher_checkpoint: str | None = None
+    distill: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        self.detector.validate("detector")
+        data = [self.train_ann, self.train_images, self.val_ann, self.val_images]
+        if any(data) and not all(data):
+            raise UserError("data: give all of train_ann, train_images, val_ann and val_images, or none "
+                            "(none means the embedded mini-benchmark)")
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}: must be at least 1, but got {getattr(self, name)}")
+        if self.max_iters is not None and self.max_iters < 1:
+            raise UserError(f"max_iters: must be at least 1, but got {self.max_iters}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UserError(f"optimizer: must be 'adamw' or 'sgd', but got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise UserError(f"lr: must be positive, but got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"device: must be 'auto', 'cpu' or 'cuda', but got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":
+        return from_dict(cls, data, where)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run cannot go on."""
+
+
+class StudentWithDistiller(nn.Module):
+    """The student detector and its distiller in one module, so that DDP syncs both in one forward."""
+
+    def __init__(self, detector: nn.Module, distiller: nn.Module | None):
+        super().__init__()
+        self.detector = detector
+        self.distiller = distiller
+        self.tap = FeatureTap(detector) if distiller is not None else None
+
+    def forward(self, images, targets, teacher_features=None) -> dict[str, torch.Tensor]:
+        losses = self.detector(images, targets)
+        if self.distiller is not None:
+            student_features = self.tap.pop()
+            for name, value in self.distiller(student_features, teacher_features, targets).items():
+                losses[f"distill/{name}"] = value
+        return losses
+
+
+@dataclass
+class Data:
+    train: CocoDetection
+    val: CocoDetection
+    paths: dict
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    """Build both data sets (generating the mini-benchmark when no paths are given)."""
+    if cfg.train_ann:
+        paths = {"train_ann": cfg.train_ann, "train_images": cfg.train_images,
+                 "val_ann": cfg.val_ann, "val_images": cfg.val_images}
+    else:
+        paths = ensure_mini_benchmark(cfg.data_dir)
+    size = cfg.detector.image_size
+    train = CocoDetection(paths["train_ann"], paths["train_images"], train_transforms(size))
+    val = CocoDetection(paths["val_ann"], paths["val_images"], eval_transforms(size))
+    if train.category_ids != val.category_ids:
+        raise UserError(f"{paths['val_ann']}: categories differ from those of {paths['train_ann']}")
+    if len(train) == 0:
+        raise UserError(f"{paths['train_ann']}: has no images")
+    return Data(train, val, paths)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("device: 'cuda' was asked for, but no CUDA device is available")
+    local = torch.distributed.get_rank() % torch.cuda.device_count() if dist_utils.is_distributed() else 0
+    return torch.device("cuda", torch.cuda.current_device() if dist_utils.is_distributed() else local)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up from 0.1 %, then cosine decay to 0 at ``total`` steps."""
+    if step < warmup:
+        return 0.001 + (1 - 0.001) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+@torch.no_grad()
+def evaluate_detector(detector: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int,
+                      progress: bool = False) -> tuple[dict[str, float], list[dict]]:
+    """COCO metrics of ``detector`` on ``dataset``; under DDP each rank predicts its share."""
+    was_training = detector.training
+    detector.eval()
+    indices = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         shuffle=False, collate_fn=collate)
+    results = []
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        outputs = detector([image.to(device) for image in images])
+        results.extend(to_coco_results(outputs, targets, images, dataset.label_to_category))
+    detector.train(was_training)
+    everything = dist_utils.gather_to_main(results)
+    metrics = coco_evaluate(dataset.coco, everything) if dist_utils.is_main() else None
+    return dist_utils.broadcast_from_main(metrics), (everything or [])
+
+
+EpochCallback = Callable[[int, dict, Path | None], None]
+
+
+def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Module | None = None,
+        data: Data | None = None, on_epoch_end: EpochCallback | None = None, progress: bool = True,
+        resume_from: str | Path | None = None) -> dict:
+    """Train ``cfg.detector`` and return the final epoch's metrics.
+
+    ``teacher`` (a :class:`~dmkd.models.TeacherFeatures`) and ``distiller`` (a module taking the
+    student's and the teacher's FPN feature dicts and the targets, returning named loss terms) turn on
+    feature distillation. Under ``torch.distributed`` the model is wrapped in DDP, the data sharded,
+    metrics reduced, and only rank 0 writes files. ``on_epoch_end(epoch, metrics, checkpoint_path)``
+    is called on every rank after each epoch; the path is None where rank 0 wrote none.
+    """
+    cfg.validate()
+    data = data or load_data(cfg)
+    detector_cfg = dataclasses.replace(cfg.detector, num_classes=data.train.num_classes)
+    cfg = dataclasses.replace(cfg, detector=detector_cfg)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    main_rank = dist_utils.is_main()
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "run.json", {"config": to_dict(cfg), "data": data.paths,
+                                            "world_size": dist_utils.world_size(), "device": str(device),
+                                            **provenance()})
+
+    torch.manual_seed(cfg.seed)
+    detector = build_detector(detector_cfg)
+    model = StudentWithDistiller(detector, distiller).to(device)
+    if teacher is not None:
+        teacher = teacher.to(device)
+    optimizer = build_optimizer(cfg, model)
+
+    world = dist_utils.world_size()
+    sampler = torch.utils.data.DistributedSampler(data.train, num_replicas=world, rank=dist_utils.rank(),
+                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
+                                         persistent_workers=cfg.num_workers > 0)
+    iters_per_epoch = min(len(loader), cfg.max_iters or len(loader))
+    if iters_per_epoch == 0:
+        raise UserError(f"batch_size: {cfg.batch_size} per rank x {world} ranks is more than the "
+                        f"{len(data.train)} training images")
+    total_iters = cfg.epochs * iters_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, min(cfg.warmup_iters, total_iters // 2), total_iters))
+
+    start_epoch, step, history = 0, 0, []
+    checkpoint_path = Path(resume_from) if resume_from else out / CHECKPOINT_NAME
+    if (cfg.resume or resume_from) and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.detector.load_state_dict(state["model"])
+        if distiller is not None and state.get("distiller") is not None:
+            model.distiller.load_state_dict(state["distiller"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
+        torch.set_rng_state(state["rng"])
+
+    ddp_model = model
+    if dist_utils.is_distributed():
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = cfg.amp and device.type == "cuda"
+    metrics: dict = history[-1] if history else {}
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        sums: dict[str, float] = defaultdict(float)
+        started = time.perf_counter()
+        bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (progress and main_rank))
+        seen = 0
+        for images, targets in loader:
+            if seen == iters_per_epoch:
+                break
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                teacher_features = teacher(images) if teacher is not None else None
+                losses = ddp_model(images, targets, teacher_features)
+            detector_loss = sum(v for k, v in losses.items() if not k.startswith("distill/"))
+            distill_loss = sum((v for k, v in losses.items() if k.startswith("distill/")), torch.zeros((), device=device))
+            total = detector_loss + distill_loss
+            if not torch.isfinite(total):
+                parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                raise NonFiniteLossError(f"loss became {total.item()} at step {step} (epoch {epoch + 1}): {parts}")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += 1
+            sums["loss/total"] += total.item()
+            sums["loss/detector"] += detector_loss.item()
+            sums["loss/distill"] += distill_loss.item()
+            for name, value in losses.items():
+                sums[name if name.startswith("distill/") else f"loss/{name}"] += value.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{total.item():.3f}")
+        bar.close()
+        metrics = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                   "time/train_s": time.perf_counter() - started}
+        metrics.update(dist_utils.mean_over_ranks({k: v / seen for k, v in sums.items()}, device))
+        if distiller is not None and hasattr(distiller, "extra_metrics"):
+            metrics.update(distiller.extra_metrics())
+        last_epoch = epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
+            started = time.perf_counter()
+            figures, predictions = evaluate_detector(model.detector, data.val, device, cfg.batch_size)
+            metrics.update({f"val/{k}": v for k, v in figures.items()})
+            metrics["time/eval_s"] = time.perf_counter() - started
+            if main_rank:
+                atomic_write_json(out / "predictions.json", predictions)
+        history.append(metrics)
+        written = None
+        if main_rank:
+            state = {"model": model.detector.state_dict(),
+                     "distiller": model.distiller.state_dict() if distiller is not None else None,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch + 1, "step": step, "history": history, "rng": torch.get_rng_state(),
+                     "config": to_dict(cfg)}
+            written = out / CHECKPOINT_NAME
+            atomic_write(written, lambda handle: torch.save(state, handle), mode="wb")
+            atomic_write_json(out / "metrics.json", {"epochs": history, "final": metrics})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, metrics, written)
+        dist_utils.barrier()
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dmkd.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=("teacher", "student"), default="teacher",
+                        help="which mini-benchmark detector and schedule to start from (default: teacher)")
+    data = parser.add_argument_group("data (all four, or none for the embedded mini-benchmark)")
+    data.add_argument("--train-ann")
+    data.add_argument("--train-images")
+    data.add_argument("--val-ann")
+    data.add_argument("--val-images")
+    data.add_argument("--data-dir", help="where the mini-benchmark is generated (default: data/mini)")
+    parser.add_argument("--out", help="output folder (default: runs/<role>)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--max-iters", type=int, help="cap on iterations per epoch (smoke runs)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"))
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--workers", type=int, dest="num_workers")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    model = parser.add_argument_group("detector")
+    model.add_argument("--arch")
+    model.add_argument("--backbone")
+    model.add_argument("--fpn-channels", type=int)
+    model.add_argument("--image-size", type=int)
+    model.add_argument("--head-convs", type=int)
+    return parser
+
+
+ROLE_DEFAULTS = {
+    "teacher": dict(detector=MINI_TEACHER, epochs=8, out="runs/teacher"),
+    "student": dict(detector=MINI_STUDENT, epochs=3, out="runs/student"),
+}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = dict(ROLE_DEFAULTS[args.role])
+    detector = {k: v for k, v in to_dict(values["detector"]).items()}
+    for key in ("arch", "backbone", "fpn_channels", "image_size", "head_convs"):
+        if getattr(args, key) is not None:
+            detector[key] = getattr(args, key)
+    values["detector"] = detector
+    for key in ("train_ann", "train_images", "val_ann", "val_images", "data_dir", "out", "epochs", "max_iters",
+                "batch_size", "lr", "optimizer", "seed", "num_workers", "device"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values["resume"] = args.resume
+    return TrainConfig.from_dict({**values, "detector": detector}, where="arguments")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        cfg.validate()
+        final = fit(cfg)
+    except UserError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch is in the checkpoint; rerun with --resume", file=sys.stderr)
+        return 130
+    summary = {k: v for k, v in final.items() if k.startswith("val/")}
+    print(json.dumps({"out": cfg.out, "epochs": final.get("epoch"), **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

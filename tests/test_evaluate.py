@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dmkd.data import load_coco
+from dmkd.evaluate import METRIC_NAMES, coco_evaluate
+from tests.conftest import write_coco
+
+
+@pytest.fixture
+def ground_truth(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2)]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [50, 50, 40, 40], "area": 1600, "iscrowd": 0},
+        {"id": 3, "image_id": 2, "category_id": 3, "bbox": [0, 0, 60, 70], "area": 4200, "iscrowd": 0},
+    ]
+    return write_coco(tmp_path, images, annotations, [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}])
+
+
+def _as_results(path, shift=0.0):
+    data = json.loads(path.read_text())
+    return [{"image_id": a["image_id"], "category_id": a["category_id"],
+             "bbox": [a["bbox"][0] + shift, a["bbox"][1], a["bbox"][2], a["bbox"][3]], "score": 0.9}
+            for a in data["annotations"]]
+
+
+def test_ground_truth_as_results_gives_ap_one(ground_truth):
+    metrics = coco_evaluate(load_coco(ground_truth), _as_results(ground_truth))
+    assert set(METRIC_NAMES) <= set(metrics)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+
+
+def test_a_shifted_box_lowers_ap(ground_truth):
+    exact = coco_evaluate(load_coco(ground_truth), _as_results(ground_truth))
+    shifted = coco_evaluate(load_coco(ground_truth), _as_results(ground_truth, shift=6.0))
+    assert shifted["AP"] < exact["AP"]
+    assert shifted["AP75"] < 1.0
+
+
+def test_no_predictions_give_zero(ground_truth):
+    assert coco_evaluate(load_coco(ground_truth), [])["AP"] == 0.0
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "dmkd.evaluate", *args], capture_output=True, text=True)
+
+
+def test_cli_prints_one_json_object(ground_truth, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_as_results(ground_truth)))
+    run = _cli("--ann", str(ground_truth), "--results", str(results))
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads(run.stdout)
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics) and metrics["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "results file not found"),
+    ("{", "not valid JSON"),
+    ('{"a": 1}', "must hold a JSON list"),
+    ('[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}]', "has no 'score'"),
+    ('[{"image_id": 99, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1}]', "image_id 99 is not in"),
+])
+def test_cli_errors_are_one_line(ground_truth, tmp_path, content, problem):
+    results = tmp_path / "results.json"
+    if content is not None:
+        results.write_text(content)
+    run = _cli("--ann", str(ground_truth), "--results", str(results))
+    assert run.returncode == 2
+    assert run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(results) in lines[0] and problem in lines[0]

@@ -1,0 +1,164 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dmkd.config import to_dict
+from dmkd.models import DetectorConfig
+from dmkd.train import TrainConfig, fit
+from tests.conftest import save_image, write_coco
+
+TINY = DetectorConfig(backbone="resnet10_quarter", fpn_channels=64, image_size=96, head_convs=1)
+
+
+def _config(mini_data, out, **overrides) -> TrainConfig:
+    values = dict(**mini_data, out=str(out), detector=TINY, epochs=2, max_iters=3, batch_size=4,
+                  warmup_iters=2, seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after_first_epoch(epoch, metrics, path):
+    if epoch == 1:
+        raise _Interrupt
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(mini_data, tmp_path):
+    straight = fit(_config(mini_data, tmp_path / "straight"), progress=False)
+    with pytest.raises(_Interrupt):
+        fit(_config(mini_data, tmp_path / "resumed"), progress=False, on_epoch_end=_stop_after_first_epoch)
+    first = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert first["epoch"] == 1 and first["step"] == 3
+    resumed = fit(_config(mini_data, tmp_path / "resumed", resume=True), progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(group_a["exp_avg"], group_b["exp_avg"])
+    assert straight["val/AP"] == resumed["val/AP"]
+    assert straight["loss/total"] == resumed["loss/total"]
+    history = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["epochs"]
+    assert [e["epoch"] for e in history] == [1, 2]
+
+
+@pytest.mark.slow
+def test_outputs_are_written_and_reproducible(mini_data, tmp_path):
+    first = fit(_config(mini_data, tmp_path / "a", epochs=1), progress=False)
+    second = fit(_config(mini_data, tmp_path / "b", epochs=1), progress=False)
+    assert first["loss/total"] == second["loss/total"] and first["val/AP"] == second["val/AP"]
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run["config"]["seed"] == 3 and run["config"]["detector"]["num_classes"] == 4
+    assert run["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert "git_commit" in run
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["final"]["epoch"] == 1 and "val/AP" in metrics["final"] and len(metrics["epochs"]) == 1
+    predictions = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    assert {p["category_id"] for p in predictions} <= {1, 2, 3}
+    assert not list((tmp_path / "a").glob(".*.tmp"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, config_dict, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        seen = []
+        final = fit(TrainConfig.from_dict(config_dict), progress=False,
+                    on_epoch_end=lambda epoch, metrics, path: seen.append((epoch, path is not None)))
+        results[rank] = {"final": final, "seen": seen}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp(mini_data, tmp_path):
+    cfg = _config(mini_data, tmp_path / "ddp", epochs=1, max_iters=2, batch_size=2)
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), to_dict(cfg), results), nprocs=2, join=True)
+    r0, r1 = results[0], results[1]
+    assert r0["final"]["val/AP"] == r1["final"]["val/AP"]  # evaluated once, shared with every rank
+    assert r0["final"]["loss/total"] == pytest.approx(r1["final"]["loss/total"])  # reduced over ranks
+    assert r0["seen"] == [(1, True)] and r1["seen"] == [(1, False)]  # only rank 0 writes
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["world_size"] == 2
+    predictions = json.loads((tmp_path / "ddp" / "predictions.json").read_text())
+    assert {p["image_id"] for p in predictions} <= set(range(1, 17))
+
+
+def _train_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dmkd.train", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+
+
+@pytest.fixture
+def small_coco(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    save_image(folder / "a.png", 32, 32)
+    ann = write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
+                     [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0}],
+                     [{"id": 1, "name": "a"}])
+    return ann, folder
+
+
+def _bad_inputs(tmp_path, small_coco):
+    ann, folder = small_coco
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{oops")
+    no_images = tmp_path / "noimages.json"
+    no_images.write_text(json.dumps({"categories": [{"id": 1, "name": "a"}]}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG not really")
+    return {
+        "missing": (["--train-ann", str(tmp_path / "nope.json")], "nope.json: annotation file not found"),
+        "json": (["--train-ann", str(bad_json)], "bad.json: not valid JSON"),
+        "images": (["--train-ann", str(no_images)], "noimages.json: field 'images' is missing"),
+        "arch": (["--train-ann", str(ann), "--arch", "yolo"], "unknown architecture 'yolo'"),
+        "decode": (["--train-ann", str(ann), "--train-images", str(broken)], "a.png: cannot decode image"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "json", "images", "arch", "decode"])
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, small_coco, case):
+    ann, folder = small_coco
+    args, expected = _bad_inputs(tmp_path, small_coco)[case]
+    base = {"--train-ann": str(ann), "--train-images": str(folder), "--val-ann": str(ann), "--val-images": str(folder)}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    out = tmp_path / "out"
+    argv = [item for pair in base.items() for item in pair] + [
+        "--out", str(out), "--epochs", "1", "--max-iters", "1", "--batch-size", "1", "--image-size", "64",
+        "--backbone", "resnet10_quarter", "--fpn-channels", "64"]
+    run = _train_cli(*argv)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], run.stderr
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+
+
+def test_cli_needs_all_four_data_paths(tmp_path, small_coco):
+    ann, _ = small_coco
+    run = _train_cli("--train-ann", str(ann), "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "give all of train_ann" in run.stderr
