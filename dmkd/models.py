@@ -141,15 +141,24 @@ class FeatureTap:
     """Keeps the FPN feature dict of the detector's last forward pass, taken by a hook on its backbone.
 
     The detector's own forward computes the features once; the tap only holds on to them, so the
-    distillation loss needs no second forward of the student.
+    distillation loss needs no second forward of the student. A hook on the detector's transform also
+    keeps the targets as the backbone saw them (boxes in input pixels) and the padded input size.
     """
 
     def __init__(self, detector: nn.Module):
         self.features: OrderedDict[str, torch.Tensor] | None = None
-        self._handle = detector.backbone.register_forward_hook(self._keep)
+        self.targets: list[dict] | None = None
+        self.input_size: tuple[int, int] | None = None
+        self._handles = [detector.backbone.register_forward_hook(self._keep_features),
+                         detector.transform.register_forward_hook(self._keep_inputs)]
 
-    def _keep(self, module: nn.Module, inputs, output) -> None:
+    def _keep_features(self, module: nn.Module, inputs, output) -> None:
         self.features = output
+
+    def _keep_inputs(self, module: nn.Module, inputs, output) -> None:
+        image_list, targets = output
+        self.input_size = tuple(image_list.tensors.shape[-2:])
+        self.targets = targets
 
     def pop(self) -> OrderedDict[str, torch.Tensor]:
         if self.features is None:
@@ -158,7 +167,8 @@ class FeatureTap:
         return features
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 class TeacherFeatures(nn.Module):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -30,7 +31,8 @@ from dmkd.data import CocoDetection, collate, load_coco, to_coco_results
 from dmkd.errors import UserError, one_line
 from dmkd.evaluate import coco_evaluate
 from dmkd.io import atomic_write, atomic_write_json
-from dmkd.models import DetectorConfig, FeatureTap, build_detector
+from dmkd.distillers import DistillContext, METHODS, build_distiller
+from dmkd.models import DetectorConfig, FeatureTap, TeacherFeatures, build_detector, feature_shapes, load_weights
 from dmkd.provenance import provenance
 from dmkd.synthetic import ensure_mini_benchmark
 from dmkd.transforms import eval_transforms, train_transforms
@@ -90,6 +92,14 @@ class TrainConfig:
             raise UserError(f"lr: must be positive, but got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device: must be 'auto', 'cpu' or 'cuda', but got {self.device!r}")
+        if self.method not in METHODS:
+            raise UserError(f"method: unknown distillation method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method != "none":
+            if not self.teacher_checkpoint:
+                raise UserError(f"teacher_checkpoint: required for method {self.method!r}")
+            if not Path(self.teacher_checkpoint).is_file():
+                raise UserError(f"{self.teacher_checkpoint}: teacher checkpoint file not found")
+            (self.teacher or MINI_TEACHER).validate("teacher")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":
@@ -113,9 +123,29 @@ class StudentWithDistiller(nn.Module):
         losses = self.detector(images, targets)
         if self.distiller is not None:
             student_features = self.tap.pop()
-            for name, value in self.distiller(student_features, teacher_features, targets).items():
+            context = DistillContext([t["boxes"] for t in self.tap.targets], self.tap.input_size)
+            for name, value in self.distiller(student_features, teacher_features, context).items():
                 losses[f"distill/{name}"] = value
         return losses
+
+
+def build_distillation(cfg: "TrainConfig", num_classes: int) -> tuple[TeacherFeatures, nn.Module]:
+    """The frozen teacher (backbone + FPN only) and the distiller that ``cfg.method`` names.
+
+    Teacher and student must give FPN levels of the same names and sizes; checked here, once.
+    """
+    teacher_cfg = dataclasses.replace(cfg.teacher or MINI_TEACHER, num_classes=num_classes)
+    teacher_detector = build_detector(teacher_cfg)
+    load_weights(teacher_detector, cfg.teacher_checkpoint)
+    teacher_shapes = feature_shapes(teacher_detector, cfg.detector.image_size)
+    student_shapes = feature_shapes(build_detector(cfg.detector), cfg.detector.image_size)
+    if [(k, s[1:]) for k, s in teacher_shapes.items()] != [(k, s[1:]) for k, s in student_shapes.items()]:
+        raise UserError(f"teacher: its FPN levels {dict(teacher_shapes)} do not match the student's "
+                        f"{dict(student_shapes)}; use the same architecture family and image size")
+    student_channels = next(iter(student_shapes.values()))[0]
+    teacher_channels = next(iter(teacher_shapes.values()))[0]
+    distiller = build_distiller(cfg.method, student_channels, teacher_channels, list(student_shapes), cfg.distill)
+    return TeacherFeatures(teacher_detector), distiller
 
 
 @dataclass
@@ -216,6 +246,8 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
                                             "world_size": dist_utils.world_size(), "device": str(device),
                                             **provenance()})
 
+    if distiller is None and cfg.method != "none":
+        teacher, distiller = build_distillation(cfg, data.train.num_classes)
     torch.manual_seed(cfg.seed)
     detector = build_detector(detector_cfg)
     model = StudentWithDistiller(detector, distiller).to(device)
@@ -327,8 +359,9 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dmkd.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=("teacher", "student"), default="teacher",
-                        help="which mini-benchmark detector and schedule to start from (default: teacher)")
+    parser.add_argument("--role", choices=("teacher", "student"),
+                        help="which mini-benchmark detector and schedule to start from "
+                             "(default: teacher, or student when --method distills)")
     data = parser.add_argument_group("data (all four, or none for the embedded mini-benchmark)")
     data.add_argument("--train-ann")
     data.add_argument("--train-images")
@@ -345,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, dest="num_workers")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    distill = parser.add_argument_group("distillation")
+    distill.add_argument("--method", help=f"one of: {', '.join(METHODS)} (default: none)")
+    distill.add_argument("--teacher-checkpoint", help="local teacher checkpoint (e.g. runs/teacher/checkpoint.pt)")
+    distill.add_argument("--teacher-arch")
+    distill.add_argument("--teacher-backbone")
+    distill.add_argument("--teacher-fpn-channels", type=int)
+    distill.add_argument("--teacher-head-convs", type=int)
+    distill.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
+                         help="a parameter of the method, e.g. --distill alpha=2e-5 (repeatable)")
     model = parser.add_argument_group("detector")
     model.add_argument("--arch")
     model.add_argument("--backbone")
@@ -360,8 +402,39 @@ ROLE_DEFAULTS = {
 }
 
 
+def parse_assignment(text: str, option: str) -> tuple[str, object]:
+    """``key=value`` with the value read as YAML (numbers, booleans, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"{option}: expected KEY=VALUE, but got {text!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise UserError(f"{option}: cannot read the value of {key!r} ({error.problem})") from error
+    if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = dict(ROLE_DEFAULTS[args.role])
+    method = args.method or "none"
+    role = args.role or ("student" if method != "none" else "teacher")
+    values = dict(ROLE_DEFAULTS[role])
+    if method != "none" and not args.out:
+        values["out"] = f"runs/student_{method}"
+    values["method"] = method
+    values["teacher_checkpoint"] = args.teacher_checkpoint
+    teacher = to_dict(MINI_TEACHER)
+    for key in ("arch", "backbone", "fpn_channels", "head_convs"):
+        if getattr(args, f"teacher_{key}") is not None:
+            teacher[key] = getattr(args, f"teacher_{key}")
+    if args.image_size is not None:
+        teacher["image_size"] = args.image_size
+    values["teacher"] = teacher
+    values["distill"] = dict(parse_assignment(item, "--distill") for item in args.distill)
     detector = {k: v for k, v in to_dict(values["detector"]).items()}
     for key in ("arch", "backbone", "fpn_channels", "image_size", "head_convs"):
         if getattr(args, key) is not None:

@@ -162,3 +162,32 @@ def test_cli_needs_all_four_data_paths(tmp_path, small_coco):
     ann, _ = small_coco
     run = _train_cli("--train-ann", str(ann), "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and "give all of train_ann" in run.stderr
+
+
+@pytest.mark.slow
+def test_dmkd_training_lowers_the_distill_loss(mini_data, tmp_path):
+    from dmkd.models import build_detector
+
+    teacher_cfg = DetectorConfig(backbone="resnet10_half", fpn_channels=96, image_size=96, head_convs=1, num_classes=4)
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "teacher.pt"
+    torch.save({"model": build_detector(teacher_cfg).state_dict()}, teacher_path)
+    cfg = _config(mini_data, tmp_path / "kd", method="dmkd", teacher=teacher_cfg, teacher_checkpoint=str(teacher_path),
+                  distill={"alpha": 1e-3}, epochs=3, max_iters=4, lr=3e-3)
+    fit(cfg, progress=False)
+    history = json.loads((tmp_path / "kd" / "metrics.json").read_text())["epochs"]
+    distill = [e["loss/distill"] for e in history]
+    assert distill[-1] < 0.8 * distill[0], distill
+    assert all(e["loss/total"] == pytest.approx(e["loss/detector"] + e["loss/distill"], rel=1e-5) for e in history)
+    assert {"fusion/0/spatial", "fusion/0/channel", "distill/dmkd"} <= set(history[-1])
+    state = torch.load(tmp_path / "kd" / "checkpoint.pt", weights_only=True)
+    assert any(key.startswith("levels.0.spatial_generator") for key in state["distiller"])
+
+
+def test_cli_distillation_needs_a_teacher_checkpoint(tmp_path):
+    run = _train_cli("--method", "dmkd", "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and run.stderr.strip() == "error: teacher_checkpoint: required for method 'dmkd'"
+    run = _train_cli("--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "t.pt: teacher checkpoint file not found" in run.stderr
+    run = _train_cli("--method", "kd", "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "unknown distillation method 'kd'" in run.stderr

@@ -1,0 +1,61 @@
+"""What every distiller shares: the generation block, the channel aligner, the per-level wrapper."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def generation_block(channels: int) -> nn.Sequential:
+    """MGD's generation block: Conv3x3 -> ReLU -> Conv3x3, channels kept."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(channels, channels, 3, padding=1))
+
+
+def aligner(student_channels: int, teacher_channels: int) -> nn.Conv2d | None:
+    """A 1x1 conv from the student's to the teacher's width; None when they are equal."""
+    if student_channels == teacher_channels:
+        return None
+    return nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+
+
+@dataclass
+class DistillContext:
+    """What some losses need beside the two features: ground-truth boxes in input pixels, per image,
+    and the (padded) input size the features were computed from."""
+
+    boxes: list[torch.Tensor] = field(default_factory=list)
+    input_size: tuple[int, int] | None = None
+
+
+class MultiLevel(nn.Module):
+    """One single-level loss per FPN level; takes the student's and teacher's feature dicts.
+
+    Returns named, already weighted loss terms summed over levels: a loss returning a tensor gives one
+    term named ``name``; a loss returning a dict gives its own names.
+    """
+
+    def __init__(self, name: str, levels: dict[str, nn.Module]):
+        super().__init__()
+        self.name = name
+        self.levels = nn.ModuleDict(levels)
+
+    def forward(self, student: OrderedDict, teacher: OrderedDict, context: DistillContext | None = None) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        for level, loss in self.levels.items():
+            value = loss(student[level], teacher[level], context)
+            for key, term in (value.items() if isinstance(value, dict) else [(self.name, value)]):
+                terms[key] = terms[key] + term if key in terms else term
+        return terms
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Per-level figures worth logging (DMKD's fusion weights)."""
+        metrics = {}
+        for level, loss in self.levels.items():
+            weights = getattr(loss, "fusion_weights", lambda: None)()
+            if weights is not None:
+                metrics[f"fusion/{level}/spatial"] = float(weights[0])
+                metrics[f"fusion/{level}/channel"] = float(weights[1])
+        return metrics

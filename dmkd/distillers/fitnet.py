@@ -1,0 +1,18 @@
+"""FitNet-style hint loss: a 1x1 regressor from student to teacher width, then plain MSE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmkd.distillers.base import DistillContext
+
+
+class FitNetLoss(nn.Module):
+    def __init__(self, student_channels: int, teacher_channels: int, *, weight: float = 1.0):
+        super().__init__()
+        self.weight = weight
+        self.align = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, context: DistillContext | None = None) -> torch.Tensor:
+        return self.weight * F.mse_loss(self.align(student).float(), teacher.detach().float())
