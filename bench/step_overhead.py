@@ -1,0 +1,120 @@
+"""Median time of one training step per distillation method, in one process, as ratios to ``none``.
+
+    python bench/step_overhead.py                   # both configurations on the CPU
+    python bench/step_overhead.py --config coco --device cuda --bf16 --channels-last
+
+A step is what dmkd.train does per iteration: the teacher's backbone + FPN (no grad; not for
+``none``), the student's forward with its detector loss, the distill loss, backward, optimizer step.
+Configurations:
+- mini: the mini-benchmark pair, FCOS ResNet-18 FPN-128 -> FCOS slim ResNet-10 FPN-64, 96 px, batch 8;
+- coco: RetinaNet ResNet-50 FPN-256 -> RetinaNet ResNet-18 FPN-256, 800 x 1216 input, batch 1 (CPU) or 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from dmkd.distillers import build_distiller
+from dmkd.models import DetectorConfig, TeacherFeatures, build_detector, feature_shapes
+from dmkd.train import StudentWithDistiller
+
+METHODS = ("none", "fitnet", "mgd", "fgd", "dmkd")
+CONFIGS = {
+    "mini": dict(teacher=DetectorConfig(arch="fcos", backbone="resnet18", fpn_channels=128, image_size=96),
+                 student=DetectorConfig(arch="fcos", backbone="resnet10_quarter", fpn_channels=64, image_size=96,
+                                        head_convs=2),
+                 height=96, width=96, batch=8),
+    "coco": dict(teacher=DetectorConfig(arch="retinanet", backbone="resnet50", fpn_channels=256, image_size=1216,
+                                        num_classes=81, anchor_scale=4.0),
+                 student=DetectorConfig(arch="retinanet", backbone="resnet18", fpn_channels=256, image_size=1216,
+                                        num_classes=81, anchor_scale=4.0),
+                 height=800, width=1216, batch=1),
+}
+
+
+def make_batch(height: int, width: int, batch: int, num_classes: int, device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, height, width, generator=generator).to(device) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        xy = torch.rand(5, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
+        wh = 16 + torch.rand(5, 2, generator=generator) * torch.tensor([width * 0.25, height * 0.25])
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(1, num_classes, (5,), generator=generator)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def time_method(method: str, spec: dict, device: torch.device, steps: int, bf16: bool, channels_last: bool) -> float:
+    torch.manual_seed(0)
+    student = build_detector(spec["student"])
+    teacher_detector = build_detector(spec["teacher"])
+    shapes = feature_shapes(student, spec["student"].image_size)
+    distiller = build_distiller(method, spec["student"].fpn_channels, spec["teacher"].fpn_channels, list(shapes))
+    model = StudentWithDistiller(student, distiller).to(device).train()
+    teacher = TeacherFeatures(teacher_detector).to(device) if distiller is not None else None
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    images, targets = make_batch(spec["height"], spec["width"], spec["batch"], spec["student"].num_classes, device)
+    times = []
+    for step in range(steps + 1):  # the first step warms up and is not counted
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            teacher_features = teacher(images) if teacher is not None else None
+            losses = model(images, targets, teacher_features)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=("mini", "coco", "both"), default="both")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, help="timed steps per method (default: 10 mini, 3 coco)")
+    parser.add_argument("--batch", type=int, help="override the batch size")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    names = ("mini", "coco") if args.config == "both" else (args.config,)
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+              "bf16": args.bf16, "channels_last": args.channels_last, "results": {}}
+    for name in names:
+        spec = dict(CONFIGS[name])
+        if args.batch:
+            spec["batch"] = args.batch
+        elif name == "coco" and device.type == "cuda":
+            spec["batch"] = 2
+        steps = args.steps or (10 if name == "mini" else 3)
+        seconds = {m: time_method(m, spec, device, steps, args.bf16, args.channels_last) for m in args.methods.split(",")}
+        base = seconds.get("none")
+        report["results"][name] = {"batch": spec["batch"], "steps": steps, "seconds": seconds,
+                                   "ratio_to_none": {m: s / base for m, s in seconds.items()} if base else None}
+        print(f"{name} (batch {spec['batch']}, median of {steps} steps):", flush=True)
+        for method, value in seconds.items():
+            ratio = f"{value / base:.2f}x" if base else "-"
+            print(f"  {method:8s} {value * 1000:9.1f} ms  {ratio}", flush=True)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

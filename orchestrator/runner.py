@@ -1,0 +1,142 @@
+"""The driver of a sweep: owns the local Ray (or joins a cluster), the teacher, and the Tuner."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+import ray
+from ray import tune
+from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from dmkd.errors import UserError
+from dmkd.io import atomic_write_json
+from dmkd.synthetic import ensure_mini_benchmark
+from orchestrator.results import leaderboard, trial_rows, write_results
+from orchestrator.searcher import PruningAwareOptunaSearch
+from orchestrator.space import define_by_run, paper_default_point
+from orchestrator.teacher import ensure_teacher
+from orchestrator.trial import ATTENTION_PNG, run_trial
+
+WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
+
+
+class DMKDWandbCallback(WandbLoggerCallback):
+    """Adds the attention/mask PNG that the trial's last checkpoint holds (local storage only)."""
+
+    def log_trial_result(self, iteration, trial, result):
+        path = result.get("checkpoint_path")
+        if path and os.path.isfile(os.path.join(path, ATTENTION_PNG)):
+            import wandb
+
+            result = {**result, "attention": wandb.Image(os.path.join(path, ATTENTION_PNG))}
+        super().log_trial_result(iteration, trial, result)
+
+
+def data_paths(space) -> dict:
+    d = space.data
+    if d.train_ann:
+        paths = {"train_ann": d.train_ann, "train_images": d.train_images, "val_ann": d.val_ann, "val_images": d.val_images}
+        for key, value in paths.items():
+            if not Path(value).exists():
+                raise UserError(f"data.{key}: {value}: not found")
+        return {k: str(Path(v).resolve()) for k, v in paths.items()}
+    return ensure_mini_benchmark(Path(d.mini_dir).resolve())
+
+
+def wandb_callback(space, experiment: Path, mode: str):
+    if mode == "off":
+        return []
+    variant = space.method
+    return [DMKDWandbCallback(project=space.wandb.project, entity=space.wandb.entity, group=space.pair_name,
+                              tags=[space.method, f"variant:{variant}", f"seed:{space.seed}"], job_type="sweep",
+                              upload_timeout=WANDB_UPLOAD_TIMEOUT_S, log_config=False, dir=str(experiment))]
+
+
+def start_ray(address: str | None, space, env_vars: dict) -> None:
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        return
+    # Each trial's driver function holds one CPU while its Train workers hold theirs: count them on top.
+    num_cpus = (os.cpu_count() or 1) + space.max_concurrent
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+
+
+def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, resume: bool):
+    experiment = Path(storage) / name if "://" not in storage else None
+    trainable = tune.with_parameters(run_trial, space=space, setup=setup)
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        print(f"sweep: continuing {path}", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
+    if resume:
+        raise UserError(f"--resume: no sweep to continue at {path}")
+    objective = space.objective
+    metrics = [objective.metric] + ([objective.second_metric] if objective.second_metric else [])
+    modes = [objective.mode] + ([objective.second_mode] if objective.second_metric else [])
+    study_storage = None
+    if experiment is not None:
+        experiment.mkdir(parents=True, exist_ok=True)
+        study_storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / 'optuna.db'}")
+    point = paper_default_point(space)
+    searcher = PruningAwareOptunaSearch(
+        space=define_by_run(space), metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=[point] if point else None,
+        sampler=optuna.samplers.TPESampler(seed=space.seed), storage=study_storage, study_name=name,
+        full_epochs=space.budget.epochs)
+    if space.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", metric=objective.metric, mode=objective.mode,
+                                  max_t=space.budget.epochs, grace_period=space.scheduler.grace_period,
+                                  reduction_factor=space.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent),
+                                    scheduler=scheduler, num_samples=space.num_samples),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=wandb_callback(space, experiment or Path("."), wandb_mode),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+    )
+
+
+def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str | None, resume: bool, record: dict) -> dict:
+    experiment = Path(storage) / name
+    env_vars = {"WANDB_MODE": "disabled" if wandb_mode == "off" else wandb_mode, "WANDB_SILENT": "true",
+                # a trial may wait for the CPUs of a trial that the scheduler just stopped
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
+    if wandb_mode != "off" and "://" not in storage:
+        env_vars["WANDB_DIR"] = str(experiment)
+    os.environ.update(env_vars)
+    paths = data_paths(space)
+    start_ray(address, space, env_vars)
+    try:
+        teacher = ensure_teacher(space, paths, Path(storage) / "teachers") if space.method != "none" else None
+        setup = {"teacher_checkpoint": teacher, "data_paths": paths, "train_storage": f"{storage.rstrip('/')}/{name}/train",
+                 "env_vars": env_vars}
+        tuner = build_tuner(space, name, storage, setup, wandb_mode, resume)
+        if "://" not in storage:
+            atomic_write_json(experiment / "sweep.json", {**record, "teacher_checkpoint": teacher, "data": paths})
+        result_grid = tuner.fit()
+    finally:
+        if address is None:
+            ray.shutdown()
+    rows = trial_rows(result_grid, space)
+    best = write_results(rows, experiment, space) if "://" not in storage else None
+    print("\n" + leaderboard(rows, space))
+    if best is not None:
+        params = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('/', 1)[1]}={v}"
+                           for k, v in best.items() if k.startswith("param/") and v is not None)
+        print(f"\nbest: {best['trial']}  {space.objective.metric}={best[space.objective.metric]:.4f}  {params}")
+        print(f"results: {experiment / 'results.csv'}, {experiment / 'best.json'}")
+    if wandb_mode == "offline":
+        print(f"wandb: offline runs under {experiment / 'wandb'}; upload them with `wandb sync {experiment / 'wandb'}/offline-run-*`")
+    finished = [r for r in rows if r["status"] in ("completed", "stopped early")]
+    return {"rows": rows, "best": best, "completed": len(finished) == len(rows) and len(rows) == space.num_samples}
+
+
+__all__ = ["run_sweep"]

@@ -1,0 +1,45 @@
+"""OptunaSearch that records a trial stopped early by the scheduler as PRUNED, not COMPLETE.
+
+Ray's integration tells Optuna COMPLETE with the short-budget value for a trial that ASHA stopped;
+TPE then treats a 1-epoch AP as a finished result and the Optuna dashboard shows it as one. Here such a
+trial is told PRUNED (Optuna keeps its last intermediate value), with the epoch it reached as a user
+attribute.
+"""
+from __future__ import annotations
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+
+class PruningAwareOptunaSearch(OptunaSearch):
+    def __init__(self, *args, full_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._full_epochs = full_epochs
+        self._reported_epochs: dict[str, set[int]] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Intermediate values by epoch (not by Tune's iteration count, which grows on restarts)."""
+        self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value, epoch = result.get(self.metric), result.get("epoch")
+        reported = self._reported_epochs.setdefault(trial_id, set())
+        if value is not None and epoch is not None and int(epoch) not in reported:
+            self._ot_trials[trial_id].report(float(value), int(epoch))
+            reported.add(int(epoch))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials and result:
+            epoch = int(result.get("epoch", 0) or 0)
+            ot_trial.set_user_attr("epochs", epoch)
+            if not error and epoch < self._full_epochs:
+                self._report(trial_id, result)  # the scheduler's last result may not have come as a result
+                metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+                ot_trial.set_user_attr("last_values", {m: result.get(m) for m in metrics})
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
+        super().on_trial_complete(trial_id, result=result, error=error)

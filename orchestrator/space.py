@@ -1,0 +1,303 @@
+"""Search spaces: YAML files under ``search_spaces/``, validated into a frozen :class:`SweepSpace`.
+
+Every problem is a one-line ``UserError`` naming the file, the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dmkd.config import from_dict, to_dict
+from dmkd.distillers import METHODS, method_parameters
+from dmkd.errors import UserError
+from dmkd.models import DetectorConfig
+from dmkd.train import MINI_STUDENT, MINI_TEACHER, TrainConfig
+
+DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
+SCHEDULERS = ("asha", "none")
+# TrainConfig fields a space may set or search; the rest belong to the sweep itself.
+TRAIN_KEYS = ("batch_size", "optimizer", "lr", "weight_decay", "warmup_iters", "grad_clip", "num_workers", "amp",
+              "device", "eval_every")
+# What the paper / MGD use; enqueued as the first trial where the space searches these parameters.
+PAPER_DEFAULTS = {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65,
+                  "mask_mode": "topk", "masked": "important", "fusion": "learned", "lambda_mgd": 0.65}
+
+
+@dataclass(frozen=True)
+class Pair:
+    teacher: DetectorConfig = MINI_TEACHER
+    student: DetectorConfig = MINI_STUDENT
+    teacher_checkpoint: str | None = None
+    train_teacher: bool = True
+    teacher_epochs: int = 8
+
+
+@dataclass(frozen=True)
+class Data:
+    """COCO-format paths; all empty means the embedded mini-benchmark under ``mini_dir``."""
+
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    mini_dir: str = "data/mini"
+
+
+@dataclass(frozen=True)
+class Param:
+    type: str
+    low: float | None = None
+    high: float | None = None
+    choices: list | None = None
+    when: dict | None = None  # {other_param: [values]}: searched only then
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "val/AP"
+    mode: str = "max"
+    second_metric: str | None = None
+    second_mode: str = "min"
+
+
+@dataclass(frozen=True)
+class Budget:
+    epochs: int = 3
+    max_iters: int | None = None
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    type: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    project: str = "dmkd-sweeps"
+    entity: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    name: str = "dmkd"
+    method: str = "dmkd"
+    pair: Pair = Pair()
+    data: Data = Data()
+    fixed: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)  # name -> Param
+    objective: Objective = Objective()
+    budget: Budget = Budget()
+    scheduler: Scheduler = Scheduler()
+    num_samples: int = 4
+    max_concurrent: int = 1
+    seed: int = 0
+    max_failures: int = 1
+    resources: Resources = Resources()
+    wandb: WandbSettings = WandbSettings()
+
+    @property
+    def pair_name(self) -> str:
+        """The W&B group: TEACHER->STUDENT."""
+        def short(d: DetectorConfig) -> str:
+            return f"{d.arch}-{d.backbone}-fpn{d.fpn_channels}"
+        return f"{short(self.pair.teacher)}->{short(self.pair.student)}"
+
+    def routed(self, values: dict) -> tuple[dict, dict]:
+        """Split parameter values into (TrainConfig fields, distiller parameters)."""
+        train, distill = {}, {}
+        for name, value in values.items():
+            (distill if name in method_parameters(self.method) else train)[name] = value
+        if isinstance(distill.get("branches"), str):
+            distill["branches"] = distill["branches"].split("+")
+        return train, distill
+
+    def train_config(self, values: dict, *, seed: int | None = None, out: str = "out",
+                     teacher_checkpoint: str | None = None, data_paths: dict | None = None) -> TrainConfig:
+        """The TrainConfig of one trial: fixed values, then the searched ``values``."""
+        train, distill = self.routed({**self.fixed, **values})
+        detector = dataclasses.replace(self.pair.student, image_size=self.pair.student.image_size)
+        return TrainConfig(**(data_paths or {}), out=out, detector=detector, epochs=self.budget.epochs,
+                           max_iters=self.budget.max_iters, seed=self.seed if seed is None else seed,
+                           method=self.method, teacher=self.pair.teacher,
+                           teacher_checkpoint=teacher_checkpoint or self.pair.teacher_checkpoint,
+                           distill=distill, **train)
+
+
+def _fail(path: Path, key: str, message: str) -> UserError:
+    return UserError(f"{path}: {key}: {message}")
+
+
+def _allowed_names(method: str) -> list[str]:
+    return [*method_parameters(method), *TRAIN_KEYS]
+
+
+def validate(space: SweepSpace, path: Path) -> SweepSpace:
+    if space.method not in METHODS:
+        raise _fail(path, "method", f"unknown method {space.method!r}; allowed: {', '.join(METHODS)}")
+    allowed = _allowed_names(space.method)
+    for where, detector in (("pair.teacher", space.pair.teacher), ("pair.student", space.pair.student)):
+        try:
+            detector.validate(where)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
+    if space.pair.teacher.image_size != space.pair.student.image_size:
+        raise _fail(path, "pair.student.image_size", "must equal pair.teacher.image_size (features are compared)")
+    if space.method != "none" and not (space.pair.teacher_checkpoint or space.pair.train_teacher):
+        raise _fail(path, "pair.teacher_checkpoint", "set a checkpoint path, or train_teacher: true")
+    data = [space.data.train_ann, space.data.train_images, space.data.val_ann, space.data.val_images]
+    if any(data) and not all(data):
+        raise _fail(path, "data", "give all of train_ann, train_images, val_ann and val_images, or none (mini-benchmark)")
+    for name in space.fixed:
+        if name not in allowed:
+            raise _fail(path, f"fixed.{name}", f"unknown parameter for method {space.method!r}; allowed: {', '.join(allowed)}")
+    searched = set(space.search)
+    for name, param in space.search.items():
+        key = f"search.{name}"
+        if name not in allowed:
+            raise _fail(path, key, f"unknown parameter for method {space.method!r}; allowed: {', '.join(allowed)}")
+        if param.type not in DISTRIBUTIONS:
+            raise _fail(path, f"{key}.type", f"must be one of {', '.join(DISTRIBUTIONS)}, but got {param.type!r}")
+        if param.type == "categorical":
+            if not param.choices:
+                raise _fail(path, f"{key}.choices", "a categorical parameter needs a non-empty list of choices")
+        else:
+            if param.low is None or param.high is None or not param.low < param.high:
+                raise _fail(path, key, f"a {param.type} parameter needs low < high, but got low={param.low}, high={param.high}")
+            if param.type == "loguniform" and param.low <= 0:
+                raise _fail(path, f"{key}.low", f"must be positive for loguniform, but got {param.low}")
+        for other in (param.when or {}):
+            if other not in searched or space.search[other].type != "categorical":
+                raise _fail(path, f"{key}.when.{other}", "must name another searched categorical parameter")
+    if space.objective.mode not in ("min", "max") or space.objective.second_mode not in ("min", "max"):
+        raise _fail(path, "objective.mode", "must be 'min' or 'max'")
+    if space.scheduler.type not in SCHEDULERS:
+        raise _fail(path, "scheduler.type", f"must be one of {', '.join(SCHEDULERS)}, but got {space.scheduler.type!r}")
+    for key, value in (("num_samples", space.num_samples), ("max_concurrent", space.max_concurrent),
+                       ("budget.epochs", space.budget.epochs), ("resources.num_workers", space.resources.num_workers),
+                       ("scheduler.grace_period", space.scheduler.grace_period)):
+        if value < 1:
+            raise _fail(path, key, f"must be at least 1, but got {value}")
+    if space.scheduler.reduction_factor < 2:
+        raise _fail(path, "scheduler.reduction_factor", f"must be at least 2, but got {space.scheduler.reduction_factor}")
+    if space.max_failures < 0:
+        raise _fail(path, "max_failures", f"must be 0 or more, but got {space.max_failures}")
+    # a trial config must build: catches wrong types in `fixed`
+    try:
+        space.train_config({name: _example(p) for name, p in space.search.items()},
+                           teacher_checkpoint=None).detector.validate()
+    except (UserError, TypeError) as error:
+        raise UserError(f"{path}: fixed: {error}") from None
+    return space
+
+
+def _example(param: Param) -> Any:
+    return param.choices[0] if param.type == "categorical" else param.low
+
+
+def set_value(data: dict, dotted: str, value: Any) -> None:
+    """``--set budget.epochs=2`` and friends: assign into the nested YAML mapping."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {key!r} is not a mapping")
+    node[keys[-1]] = value
+
+
+def load_space(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> SweepSpace:
+    path = Path(path) if path else DEFAULT_SPACE
+    if not path.is_file():
+        raise UserError(f"{path}: search space file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must hold a mapping of keys")
+    for dotted, value in overrides:
+        set_value(data, dotted, value)
+    search = data.pop("search", {}) or {}
+    if not isinstance(search, dict):
+        raise UserError(f"{path}: search: must map parameter names to distributions")
+    try:
+        space = from_dict(SweepSpace, data, where="")
+        params = {name: from_dict(Param, spec, where=f".search.{name}") for name, spec in search.items()}
+    except UserError as error:
+        raise UserError(f"{path}: {str(error).lstrip('.')}") from None
+    return validate(dataclasses.replace(space, search=params), path)
+
+
+class DefineByRun:
+    """The Optuna define-by-run function for OptunaSearch (a class, so the searcher state pickles):
+    conditional parameters are suggested only when their ``when`` holds."""
+
+    def __init__(self, search: dict):
+        # a conditional parameter comes after the parameters its condition reads
+        ordered: dict = {}
+        while len(ordered) < len(search):
+            ready = {n: p for n, p in search.items() if n not in ordered and all(o in ordered for o in (p.when or {}))}
+            if not ready:
+                raise UserError(f"search: the 'when' conditions of {sorted(set(search) - set(ordered))} form a cycle")
+            ordered.update(ready)
+        self.search = ordered
+
+    def __call__(self, trial) -> None:
+        chosen = {}
+        for name, param in self.search.items():
+            if param.when and not all(chosen.get(other) in values for other, values in param.when.items()):
+                continue
+            if param.type == "uniform":
+                chosen[name] = trial.suggest_float(name, param.low, param.high)
+            elif param.type == "loguniform":
+                chosen[name] = trial.suggest_float(name, param.low, param.high, log=True)
+            elif param.type == "int":
+                chosen[name] = trial.suggest_int(name, int(param.low), int(param.high))
+            else:
+                chosen[name] = trial.suggest_categorical(name, list(param.choices))
+
+
+def define_by_run(space: SweepSpace) -> DefineByRun:
+    return DefineByRun(space.search)
+
+
+def paper_default_point(space: SweepSpace) -> dict:
+    """The paper-default configuration, restricted to searched parameters and clipped to their ranges."""
+    point = {}
+    for name, param in space.search.items():
+        if name not in PAPER_DEFAULTS:
+            continue
+        value = PAPER_DEFAULTS[name]
+        if param.type == "categorical":
+            if value in param.choices:
+                point[name] = value
+        else:
+            point[name] = min(max(value, param.low), param.high)
+    for name, param in space.search.items():  # conditions must hold for the point, else drop the child
+        if name in point and param.when and not all(point.get(o) in v for o, v in param.when.items()):
+            del point[name]
+    return point
+
+
+def describe(space: SweepSpace) -> dict:
+    return {**to_dict(space), "search": {k: to_dict(v) for k, v in space.search.items()}, "pair_name": space.pair_name}
+
+
+__all__ = ["SweepSpace", "load_space", "define_by_run", "paper_default_point", "describe"]

@@ -1,0 +1,106 @@
+"""Run a DMKD hyperparameter sweep: Ray Tune trials of Ray Train DDP runs, Optuna search, ASHA, W&B.
+
+    python -m orchestrator.sweep                       # search_spaces/default.yaml on a local Ray
+    python -m orchestrator.sweep --space search_spaces/retinanet_r50_r18_coco.yaml \\
+        --storage /shared/experiments --address auto --wandb online
+
+Re-running with the same --name (or --resume) continues an interrupted sweep. The experiment folder
+(STORAGE/NAME) holds Tune's state, the Optuna study (optuna.db), the W&B offline runs (wandb/),
+results.csv, best.json and the resolved space.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import netrc
+import os
+import sys
+from pathlib import Path
+
+from dmkd.errors import UserError, one_line
+from dmkd.io import atomic_write_json
+from dmkd.provenance import provenance
+from dmkd.train import parse_assignment
+from orchestrator.space import describe, load_space, paper_default_point
+
+WANDB_MODES = ("online", "offline", "off")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", help="search space YAML (default: search_spaces/default.yaml)")
+    parser.add_argument("--name", help="experiment name (default: the space's name)")
+    parser.add_argument("--storage", default="experiments", help="folder or URI for experiments (default: ./experiments)")
+    parser.add_argument("--num-samples", type=int)
+    parser.add_argument("--max-concurrent", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the space, e.g. --set budget.epochs=2 (repeatable)")
+    parser.add_argument("--wandb", choices=WANDB_MODES, help="default: online with an API key, else offline")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep of the same name")
+    parser.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; no Ray")
+    parser.add_argument("--address", help="Ray address to join (e.g. auto); default: start a local Ray")
+    return parser
+
+
+def has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_space(args):
+    overrides = [parse_assignment(item, "--set") for item in args.set]
+    if args.num_samples is not None:
+        overrides.append(("num_samples", args.num_samples))
+    if args.max_concurrent is not None:
+        overrides.append(("max_concurrent", args.max_concurrent))
+    return load_space(args.space, overrides)
+
+
+def plan(space, name: str, storage: str, wandb_mode: str, address: str | None) -> dict:
+    r = space.resources
+    per_trial = {"workers": r.num_workers, "cpus": r.num_workers * r.cpus_per_worker + 1,
+                 "gpus": r.num_workers * r.gpus_per_worker if r.use_gpu else 0}
+    return {"name": name, "experiment": f"{storage.rstrip('/')}/{name}", "ray": address or "local",
+            "pair": space.pair_name, "method": space.method, "num_samples": space.num_samples,
+            "max_concurrent": space.max_concurrent, "resources_per_trial": per_trial,
+            "epochs_per_trial": space.budget.epochs, "scheduler": dataclasses.asdict(space.scheduler),
+            "objective": dataclasses.asdict(space.objective), "searched": sorted(space.search),
+            "first_point": paper_default_point(space), "wandb": wandb_mode,
+            "teacher": space.pair.teacher_checkpoint or ("trained and cached" if space.pair.train_teacher else None)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        space = resolve_space(args)
+        name = args.name or space.name
+        storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+        wandb_mode = args.wandb or ("online" if has_wandb_key() else "offline")
+        if args.wandb == "online" and not has_wandb_key():
+            print("wandb: no API key found (WANDB_API_KEY or ~/.netrc); logging offline instead", file=sys.stderr)
+            wandb_mode = "offline"
+        the_plan = plan(space, name, storage, wandb_mode, args.address)
+        if args.dry_run:
+            print(json.dumps(the_plan, indent=2))
+            return 0
+        from orchestrator.runner import run_sweep  # imports Ray: not needed for --dry-run
+
+        summary = run_sweep(space, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,
+                            resume=args.resume, record={"plan": the_plan, "space": describe(space), **provenance()})
+    except UserError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command (or add --resume) to continue", file=sys.stderr)
+        return 130
+    return 0 if summary.get("completed") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The sweep's teacher: a given checkpoint, or one trained once as its own Ray task and cached."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import ray
+
+from dmkd.config import to_dict
+from dmkd.errors import UserError
+from dmkd.train import CHECKPOINT_NAME, TrainConfig, fit
+
+
+def teacher_config(space, data_paths: dict, out: Path) -> TrainConfig:
+    return TrainConfig(**data_paths, out=str(out), detector=space.pair.teacher, epochs=space.pair.teacher_epochs,
+                       seed=space.seed, resume=True, **{k: v for k, v in space.fixed.items()
+                                                         if k in ("batch_size", "num_workers", "device", "amp")})
+
+
+def _train(cfg_dict: dict) -> str:
+    cfg = TrainConfig.from_dict(cfg_dict)
+    fit(cfg, progress=False)
+    return str(Path(cfg.out) / CHECKPOINT_NAME)
+
+
+def ensure_teacher(space, data_paths: dict, cache_root: Path, log=print) -> str:
+    """The teacher checkpoint path: ``pair.teacher_checkpoint``, or the cached one for this teacher,
+    data and seed, trained first (resumably) as a Ray task when missing."""
+    if space.pair.teacher_checkpoint:
+        if not Path(space.pair.teacher_checkpoint).is_file():
+            raise UserError(f"pair.teacher_checkpoint: {space.pair.teacher_checkpoint}: file not found")
+        return str(Path(space.pair.teacher_checkpoint).resolve())
+    probe = teacher_config(space, data_paths, Path("."))
+    key_source = json.dumps({**to_dict(probe), "out": None}, sort_keys=True)
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:12]
+    folder = cache_root / f"{space.pair.teacher.arch}-{space.pair.teacher.backbone}-{key}"
+    final = folder / "teacher.pt"
+    if final.is_file():
+        log(f"teacher: cached at {final}")
+        return str(final)
+    log(f"teacher: training {space.pair.teacher.arch}/{space.pair.teacher.backbone} for "
+        f"{space.pair.teacher_epochs} epochs as a Ray task, cached at {final}")
+    cfg = teacher_config(space, data_paths, folder / "training")
+    resources = {"num_cpus": max(1, int(ray.available_resources().get("CPU", 1)) - 1)}
+    if space.resources.use_gpu:
+        resources["num_gpus"] = 1
+    checkpoint = ray.get(ray.remote(**resources)(_train).remote(to_dict(cfg)))
+    os.replace(checkpoint, final)  # its presence means the teacher finished
+    return str(final)

@@ -1,0 +1,100 @@
+"""One Tune trial = one Ray Train run of ``dmkd.train.fit`` over ``num_workers`` DDP workers.
+
+``run_trial`` is the small driver function Tune calls; it builds a ``TorchTrainer`` whose workers run
+``train_worker``. Every rank calls ``ray.train.report`` once per epoch (it is a barrier); only rank 0
+attaches the checkpoint folder, which holds ``checkpoint.pt``, ``metrics.json`` and, after the last
+epoch, ``attention.png``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.tune
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from dmkd.config import to_dict
+from dmkd.train import CHECKPOINT_NAME, TrainConfig, fit
+
+ATTENTION_PNG = "attention.png"
+
+
+def _render_attention_png(cfg: TrainConfig, folder: Path) -> None:
+    """The teacher's attention and mask on the first validation image (DMKD-family methods only)."""
+    if not cfg.method.startswith("dmkd") or not cfg.teacher_checkpoint:
+        return
+    from dmkd.distillers import method_parameters
+    from dmkd.models import TeacherFeatures, build_detector, load_weights
+    from dmkd.train import load_data
+    from dmkd.visualize import render_attention
+
+    data = load_data(cfg)
+    teacher_cfg = dataclasses.replace(cfg.teacher, num_classes=data.train.num_classes)
+    detector = build_detector(teacher_cfg)
+    load_weights(detector, cfg.teacher_checkpoint)
+    image, _ = data.val[0]
+    features = TeacherFeatures(detector)([image])
+    params = {**method_parameters(cfg.method), **cfg.distill}
+    render_attention(image, features, folder / ATTENTION_PNG, temperature=params.get("temperature", 0.5),
+                     spatial_ratio=params.get("spatial_ratio", 0.65), mask_mode=params.get("mask_mode", "topk"),
+                     masked=params.get("masked", "important"))
+
+
+def train_worker(config: dict) -> None:
+    """Runs on every Ray Train worker; torch.distributed is already initialised by Ray."""
+    rank = ray.train.get_context().get_world_rank()
+    local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
+    cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
+    resume_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            if (Path(folder) / CHECKPOINT_NAME).is_file():
+                shutil.copy(Path(folder) / CHECKPOINT_NAME, local / "resume.pt")
+                resume_from = local / "resume.pt"
+
+    def report(epoch: int, metrics: dict, written: Path | None) -> None:
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if written is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        if epoch == cfg.epochs:
+            _render_attention_png(cfg, local)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(local)))
+
+    try:
+        fit(cfg, on_epoch_end=report, progress=False, resume_from=resume_from)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def run_trial(config: dict, *, space, setup: dict) -> None:
+    """The Tune trainable. ``config`` holds the searched values; ``space`` (a SweepSpace) and ``setup``
+    (teacher checkpoint, data paths, Train storage) arrive through ``tune.with_parameters``.
+    A deterministic Train run name per trial lets a restored sweep find the run and its checkpoints."""
+    train_cfg = space.train_config(dict(config), out="unused", teacher_checkpoint=setup["teacher_checkpoint"],
+                                   data_paths=setup["data_paths"])
+    resources = space.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train": to_dict(train_cfg)},
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=f"train-{ray.tune.get_context().get_trial_id()}",
+            storage_path=setup["train_storage"],
+            failure_config=FailureConfig(max_failures=space.max_failures, controller_failure_limit=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+            worker_runtime_env={"env_vars": setup.get("env_vars", {})},
+        ),
+    )
+    trainer.fit()

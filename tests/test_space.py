@@ -1,0 +1,128 @@
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+from dmkd.errors import UserError
+from orchestrator.searcher import PruningAwareOptunaSearch
+from orchestrator.space import DEFAULT_SPACE, define_by_run, load_space, paper_default_point
+
+
+def test_default_space_loads():
+    space = load_space(DEFAULT_SPACE)
+    assert space.method == "dmkd" and space.pair_name == "fcos-resnet18-fpn128->fcos-resnet10_quarter-fpn64"
+    assert {"alpha", "temperature", "spatial_ratio", "channel_ratio"} <= set(space.search)
+    assert paper_default_point(space) == {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65}
+    cfg = space.train_config({"alpha": 1e-5, "lr": 0.01}, teacher_checkpoint="t.pt")
+    assert cfg.distill == {"alpha": 1e-5} and cfg.lr == 0.01 and cfg.batch_size == 8 and cfg.method == "dmkd"
+
+
+@pytest.mark.parametrize("name", ["retinanet_r50_r18_coco.yaml", "fasterrcnn_r101_r50_coco.yaml"])
+def test_shipped_paper_scale_spaces_are_valid(name):
+    space = load_space(DEFAULT_SPACE.parent / name)
+    assert space.resources.use_gpu and space.pair.teacher.backbone != space.pair.student.backbone
+    assert space.train_config({}, teacher_checkpoint="t.pt").detector.image_size == 1333
+
+
+def _write(tmp_path, change):
+    data = yaml.safe_load(DEFAULT_SPACE.read_text())
+    change(data)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BAD = {
+    "unknown top key": (lambda d: d.update(epochs=3), "unknown key 'epochs'"),
+    "wrong type": (lambda d: d.update(num_samples="many"), "num_samples: must be an integer, but got 'many'"),
+    "unknown method": (lambda d: d.update(method="kd"), "method: unknown method 'kd'"),
+    "unknown parameter": (lambda d: d["search"].update(beta={"type": "uniform", "low": 0, "high": 1}),
+                          "search.beta: unknown parameter for method 'dmkd'; allowed: alpha"),
+    "bad distribution": (lambda d: d["search"]["alpha"].update(type="normal"), "search.alpha.type: must be one of uniform"),
+    "low above high": (lambda d: d["search"]["alpha"].update(low=1.0, high=0.1), "search.alpha: a loguniform parameter needs low < high"),
+    "when on unknown": (lambda d: d["search"]["alpha"].update(when={"fusion": ["learned"]}),
+                        "search.alpha.when.fusion: must name another searched categorical parameter"),
+    "bad scheduler": (lambda d: d["scheduler"].update(type="pbt"), "scheduler.type: must be one of asha, none"),
+    "bad backbone": (lambda d: d["pair"]["student"].update(backbone="vgg"), "pair.student.backbone: unknown backbone 'vgg'"),
+    "no teacher": (lambda d: d["pair"].update(train_teacher=False), "pair.teacher_checkpoint: set a checkpoint path"),
+    "fixed unknown": (lambda d: d["fixed"].update(momentum=0.9), "fixed.momentum: unknown parameter"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_spaces_are_one_line_errors_naming_file_and_key(tmp_path, case):
+    change, expected = BAD[case]
+    path = _write(tmp_path, change)
+    with pytest.raises(UserError) as error:
+        load_space(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("search: [unclosed\n")
+    with pytest.raises(UserError, match=r"broken\.yaml: not valid YAML \(line"):
+        load_space(path)
+    with pytest.raises(UserError, match="search space file not found"):
+        load_space(tmp_path / "none.yaml")
+
+
+def test_conditional_parameters_follow_their_condition():
+    path_data = {"method": "dmkd", "search": {
+        "mask_mode": {"type": "categorical", "choices": ["topk", "bernoulli"]},
+        "channel_ratio": {"type": "uniform", "low": 0.1, "high": 0.9, "when": {"mask_mode": ["topk"]}}}}
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "s.yaml"
+        path.write_text(yaml.safe_dump(path_data))
+        space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: (define_by_run(space)(trial), 0.0)[1], n_trials=20)
+    for trial in study.trials:
+        assert ("channel_ratio" in trial.params) == (trial.params["mask_mode"] == "topk")
+    assert {t.params["mask_mode"] for t in study.trials} == {"topk", "bernoulli"}
+
+
+def test_a_trial_stopped_early_is_pruned_in_the_study(tmp_path):
+    space = load_space(DEFAULT_SPACE)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = PruningAwareOptunaSearch(space=define_by_run(space), metric="val/AP", mode="max",
+                                        sampler=optuna.samplers.TPESampler(seed=0), storage=storage,
+                                        study_name="s", full_epochs=3)
+    for trial_id in ("a", "b", "c"):
+        assert searcher.suggest(trial_id) is not None
+    searcher.on_trial_result("a", {"val/AP": 0.1, "epoch": 1})
+    searcher.on_trial_complete("a", {"val/AP": 0.3, "epoch": 3})
+    searcher.on_trial_complete("b", {"val/AP": 0.05, "epoch": 1})  # ASHA's stop: no earlier on_trial_result
+    searcher.on_trial_complete("c", None, error=True)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    states = [t.state for t in trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL]
+    assert trials[0].value == 0.3 and trials[1].value == 0.05
+    assert trials[1].user_attrs["epochs"] == 1 and trials[1].intermediate_values == {1: 0.05}
+
+
+def _sweep_cli(*args):
+    return subprocess.run([sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True)
+
+
+def test_dry_run_prints_the_plan_without_ray(tmp_path):
+    run = _sweep_cli("--dry-run", "--set", "budget.epochs=2", "--num-samples", "5", "--storage", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    plan = json.loads(run.stdout)
+    assert plan["num_samples"] == 5 and plan["epochs_per_trial"] == 2 and plan["ray"] == "local"
+    assert plan["experiment"] == f"{tmp_path}/default" and plan["resources_per_trial"]["workers"] == 1
+    assert not (tmp_path / "default").exists()
+
+
+def test_cli_bad_space_is_one_line(tmp_path):
+    path = _write(tmp_path, lambda d: d.update(num_samples=0))
+    run = _sweep_cli("--space", str(path), "--dry-run")
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"error: {path}: num_samples: must be at least 1, but got 0"
