@@ -14,10 +14,10 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) -m dmkd.train
+	$(PY) -m orchestrator.sweep
 
 test: $(VENV)/.installed
 	WANDB_MODE=offline $(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) runs data
+	rm -rf $(VENV) runs data experiments

@@ -177,8 +177,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("device: 'cuda' was asked for, but no CUDA device is available")
-    local = torch.distributed.get_rank() % torch.cuda.device_count() if dist_utils.is_distributed() else 0
-    return torch.device("cuda", torch.cuda.current_device() if dist_utils.is_distributed() else local)
+    return torch.device("cuda", torch.cuda.current_device())  # torchrun / Ray Train set it per rank
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

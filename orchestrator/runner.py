@@ -63,8 +63,10 @@ def start_ray(address: str | None, space, env_vars: dict) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         return
     # Each trial's driver function holds one CPU while its Train workers hold theirs: count them on top.
+    # The dashboard stays on: Ray Train's placement-group cleaner asks the state API whether a stopped
+    # trial's controller is gone; without it, the CPUs of every trial ASHA stops stay reserved.
     num_cpus = (os.cpu_count() or 1) + space.max_concurrent
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False)
 
 
 def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, resume: bool):

@@ -1,0 +1,138 @@
+"""Real sweeps on a local Ray: 2 gloo workers per trial, tiny budgets, real Optuna SQLite, W&B offline.
+One Ray instance at a time: each sweep runs as its own `python -m orchestrator.sweep` process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from dmkd.models import DetectorConfig, build_detector
+from orchestrator.space import DEFAULT_SPACE
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"arch": "fcos", "backbone": "resnet10_quarter", "fpn_channels": 64, "head_convs": 1, "image_size": 96}
+
+
+def _space(tmp_path, mini_data, num_samples=3) -> Path:
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"model": build_detector(DetectorConfig(**TINY, num_classes=4)).state_dict()}, teacher)
+    data = yaml.safe_load(DEFAULT_SPACE.read_text())
+    data.update(name="tiny", num_samples=num_samples, max_concurrent=1,
+                pair={"teacher": TINY, "student": TINY, "teacher_checkpoint": str(teacher), "train_teacher": False},
+                data={k: mini_data[k] for k in ("train_ann", "train_images", "val_ann", "val_images")},
+                fixed={"batch_size": 2, "warmup_iters": 1},
+                budget={"epochs": 2, "max_iters": 2},
+                scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                resources={"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _command(space: Path, storage: Path) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.sweep", "--space", str(space), "--storage", str(storage),
+            "--wandb", "offline"]
+
+
+def _env(tmp_path):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline",
+            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+
+
+def _tune_results(experiment: Path) -> dict[str, list[dict]]:
+    """Tune's own per-trial records: trial id -> reported results."""
+    records = {}
+    for file in experiment.glob("run_trial_*/result.json"):
+        lines = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        trial_id = file.parent.name.split("_")[2]
+        records[trial_id] = lines
+    return records
+
+
+def _study(experiment: Path):
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{experiment / 'optuna.db'}")
+
+
+def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
+    storage = tmp_path / "exp"
+    run = subprocess.run(_command(_space(tmp_path, mini_data), storage), capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    experiment = storage / "tiny"
+    assert "best: run_trial_" in run.stdout
+
+    # Optuna: every trial once; full-budget trials COMPLETE, trials ASHA stopped PRUNED with their value
+    trials = _study(experiment).trials
+    assert len(trials) == 3
+    first = trials[0].params
+    assert first == {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65}
+    for trial in trials:
+        epochs = trial.user_attrs["epochs"]
+        expected = optuna.trial.TrialState.COMPLETE if epochs == 2 else optuna.trial.TrialState.PRUNED
+        assert trial.state == expected and trial.value is not None
+
+    # results.csv matches what Tune recorded for each trial
+    tune_results = _tune_results(experiment)
+    import csv
+
+    rows = list(csv.DictReader((experiment / "results.csv").open()))
+    assert {row["trial_id"] for row in rows} == set(tune_results)
+    for row in rows:
+        last = tune_results[row["trial_id"]][-1]
+        assert float(row["val/AP"]) == pytest.approx(last["val/AP"])
+        assert int(row["epochs"]) == last["epoch"]
+        assert row["status"] == ("completed" if last["epoch"] == 2 else "stopped early")
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["value"] == max(float(row["val/AP"]) for row in rows)
+
+    # W&B: one offline run per trial, in the pair's group, tagged with method and seed
+    for trial_id in tune_results:
+        (run_dir,) = (experiment / "wandb").glob(f"offline-run-*-{trial_id}")
+        record = (run_dir / f"run-{trial_id}.wandb").read_bytes()
+        assert b"fcos-resnet10_quarter-fpn64->fcos-resnet10_quarter-fpn64" in record
+        inspect = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
+                                  str(run_dir)], capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+        summary = json.loads(inspect.stdout)
+        assert summary["tags"] == ["dmkd", "variant:dmkd", "seed:0"]
+        assert summary["summary"]["epoch"] == tune_results[trial_id][-1]["epoch"]
+
+    # reproducibility: the sweep wrote its plan, resolved space and provenance
+    record = json.loads((experiment / "sweep.json").read_text())
+    assert record["space"]["num_samples"] == 3 and "git_commit" in record and record["packages"]["ray"]
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, mini_data):
+    space, storage = _space(tmp_path, mini_data, num_samples=3), tmp_path / "exp"
+    experiment = storage / "tiny"
+    process = subprocess.Popen(_command(space, storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=_env(tmp_path))
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        done = [t for t, lines in _tune_results(experiment).items() if lines and lines[-1].get("epoch") == 2]
+        if done and len(_tune_results(experiment)) >= 2:
+            break
+        time.sleep(1)
+    assert done, "no trial finished in time"
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode != 0
+    finished_before = {t: len(lines) for t, lines in _tune_results(experiment).items() if lines and lines[-1]["epoch"] == 2}
+
+    run = subprocess.run(_command(space, storage), capture_output=True, text=True, env=_env(tmp_path), timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "continuing" in run.stdout
+    after = _tune_results(experiment)
+    assert len(after) == 3
+    for trial_id, count in finished_before.items():
+        assert len(after[trial_id]) == count  # not re-run
+    trials = _study(experiment).trials
+    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
