@@ -17,14 +17,29 @@ from dmkd.synthetic import ensure_mini_benchmark
 from orchestrator.results import leaderboard, trial_rows, write_results
 from orchestrator.searcher import PruningAwareOptunaSearch
 from orchestrator.space import define_by_run, paper_default_point
-from orchestrator.teacher import ensure_teacher
+from orchestrator.teacher import ensure_teacher, evaluate_teacher
 from orchestrator.trial import ATTENTION_PNG, run_trial
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
 
 
 class DMKDWandbCallback(WandbLoggerCallback):
-    """Adds the attention/mask PNG that the trial's last checkpoint holds (local storage only)."""
+    """One W&B run per trial, tagged per trial (an ablation's row and seed), with the attention/mask PNG
+    that the trial's last checkpoint holds (local storage only)."""
+
+    def __init__(self, *args, rows: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rows = rows or {}
+        self._base_tags = list(kwargs.get("tags", []))
+
+    def log_trial_start(self, trial):
+        config = trial.config or {}
+        if "row" in config and config["row"] in self._rows:
+            method = self._rows[config["row"]]["method"]
+            self.kwargs["tags"] = [method, f"variant:{config['row']}", f"seed:{config.get('seed')}"]
+        else:
+            self.kwargs["tags"] = self._base_tags
+        super().log_trial_start(trial)
 
     def log_trial_result(self, iteration, trial, result):
         path = result.get("checkpoint_path")
@@ -46,13 +61,22 @@ def data_paths(space) -> dict:
     return ensure_mini_benchmark(Path(d.mini_dir).resolve())
 
 
-def wandb_callback(space, experiment: Path, mode: str):
+def wandb_callback(space, experiment: Path, mode: str, job_type: str = "sweep", rows: dict | None = None):
     if mode == "off":
         return []
-    variant = space.method
     return [DMKDWandbCallback(project=space.wandb.project, entity=space.wandb.entity, group=space.pair_name,
-                              tags=[space.method, f"variant:{variant}", f"seed:{space.seed}"], job_type="sweep",
-                              upload_timeout=WANDB_UPLOAD_TIMEOUT_S, log_config=False, dir=str(experiment))]
+                              tags=[space.method, f"variant:{space.method}", f"seed:{space.seed}"], job_type=job_type,
+                              upload_timeout=WANDB_UPLOAD_TIMEOUT_S, log_config=False, dir=str(experiment), rows=rows)]
+
+
+def wandb_env(mode: str, experiment: Path, storage: str) -> dict:
+    """W&B settings for the driver and, through Ray's runtime environment, every worker."""
+    env = {"WANDB_MODE": "disabled" if mode == "off" else mode, "WANDB_SILENT": "true",
+           # a trial may wait for the CPUs of a trial that the scheduler just stopped
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
+    if mode != "off" and "://" not in storage:
+        env["WANDB_DIR"] = str(experiment)
+    return env
 
 
 def start_ray(address: str | None, space, env_vars: dict) -> None:
@@ -108,11 +132,7 @@ def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, re
 
 def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str | None, resume: bool, record: dict) -> dict:
     experiment = Path(storage) / name
-    env_vars = {"WANDB_MODE": "disabled" if wandb_mode == "off" else wandb_mode, "WANDB_SILENT": "true",
-                # a trial may wait for the CPUs of a trial that the scheduler just stopped
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
-    if wandb_mode != "off" and "://" not in storage:
-        env_vars["WANDB_DIR"] = str(experiment)
+    env_vars = wandb_env(wandb_mode, experiment, storage)
     os.environ.update(env_vars)
     paths = data_paths(space)
     start_ray(address, space, env_vars)
@@ -123,6 +143,8 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
         tuner = build_tuner(space, name, storage, setup, wandb_mode, resume)
         if "://" not in storage:
             atomic_write_json(experiment / "sweep.json", {**record, "teacher_checkpoint": teacher, "data": paths})
+            if teacher and not (experiment / "teacher.json").is_file():
+                atomic_write_json(experiment / "teacher.json", evaluate_teacher(space, paths, teacher))
         result_grid = tuner.fit()
     finally:
         if address is None:
@@ -135,6 +157,10 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
                            for k, v in best.items() if k.startswith("param/") and v is not None)
         print(f"\nbest: {best['trial']}  {space.objective.metric}={best[space.objective.metric]:.4f}  {params}")
         print(f"results: {experiment / 'results.csv'}, {experiment / 'best.json'}")
+    if "://" not in storage:
+        from orchestrator.report import write_report
+
+        print(f"report: {write_report(experiment)}")
     if wandb_mode == "offline":
         print(f"wandb: offline runs under {experiment / 'wandb'}; upload them with `wandb sync {experiment / 'wandb'}/offline-run-*`")
     finished = [r for r in rows if r["status"] in ("completed", "stopped early")]

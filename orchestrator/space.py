@@ -118,23 +118,30 @@ class SweepSpace:
         return f"{short(self.pair.teacher)}->{short(self.pair.student)}"
 
     def routed(self, values: dict) -> tuple[dict, dict]:
-        """Split parameter values into (TrainConfig fields, distiller parameters)."""
+        """Split parameter values into (TrainConfig fields, distiller parameters). Values for other
+        methods' parameters are left out (an ablation's shared ``fixed`` may hold them)."""
         train, distill = {}, {}
+        accepted = method_parameters(self.method)
         for name, value in values.items():
-            (distill if name in method_parameters(self.method) else train)[name] = value
+            if name in accepted:
+                distill[name] = value
+            elif name in TRAIN_KEYS:
+                train[name] = value
         if isinstance(distill.get("branches"), str):
             distill["branches"] = distill["branches"].split("+")
         return train, distill
 
-    def train_config(self, values: dict, *, seed: int | None = None, out: str = "out",
+    def train_config(self, values: dict, *, method: str | None = None, seed: int | None = None, out: str = "out",
                      teacher_checkpoint: str | None = None, data_paths: dict | None = None) -> TrainConfig:
-        """The TrainConfig of one trial: fixed values, then the searched ``values``."""
-        train, distill = self.routed({**self.fixed, **values})
-        detector = dataclasses.replace(self.pair.student, image_size=self.pair.student.image_size)
-        return TrainConfig(**(data_paths or {}), out=out, detector=detector, epochs=self.budget.epochs,
+        """The TrainConfig of one trial: fixed values, then ``values``; ``method`` and ``seed`` default
+        to the space's (an ablation row sets its own)."""
+        method = method or self.method
+        space = self if method == self.method else dataclasses.replace(self, method=method)
+        train, distill = space.routed({**self.fixed, **values})
+        return TrainConfig(**(data_paths or {}), out=out, detector=self.pair.student, epochs=self.budget.epochs,
                            max_iters=self.budget.max_iters, seed=self.seed if seed is None else seed,
-                           method=self.method, teacher=self.pair.teacher,
-                           teacher_checkpoint=teacher_checkpoint or self.pair.teacher_checkpoint,
+                           method=method, teacher=self.pair.teacher,
+                           teacher_checkpoint=(teacher_checkpoint or self.pair.teacher_checkpoint) if method != "none" else None,
                            distill=distill, **train)
 
 

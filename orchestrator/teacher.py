@@ -49,3 +49,26 @@ def ensure_teacher(space, data_paths: dict, cache_root: Path, log=print) -> str:
     checkpoint = ray.get(ray.remote(**resources)(_train).remote(to_dict(cfg)))
     os.replace(checkpoint, final)  # its presence means the teacher finished
     return str(final)
+
+
+def _evaluate(cfg_dict: dict, checkpoint: str) -> dict:
+    import dataclasses
+
+    import torch
+
+    from dmkd.models import build_detector, load_weights
+    from dmkd.train import evaluate_detector, load_data
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    data = load_data(cfg)
+    detector = build_detector(dataclasses.replace(cfg.detector, num_classes=data.train.num_classes))
+    load_weights(detector, checkpoint)
+    figures, _ = evaluate_detector(detector, data.val, torch.device("cpu"), cfg.batch_size)
+    return {f"val/{k}": v for k, v in figures.items()}
+
+
+def evaluate_teacher(space, data_paths: dict, checkpoint: str) -> dict:
+    """The teacher's COCO figures on the validation set (the report's teacher row), as a Ray task."""
+    cfg = teacher_config(space, data_paths, Path("."))
+    figures = ray.get(ray.remote(num_cpus=1)(_evaluate).remote(to_dict(cfg), checkpoint))
+    return {"checkpoint": checkpoint, "detector": to_dict(space.pair.teacher), **figures}

@@ -73,12 +73,20 @@ def train_worker(config: dict) -> None:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def run_trial(config: dict, *, space, setup: dict) -> None:
-    """The Tune trainable. ``config`` holds the searched values; ``space`` (a SweepSpace) and ``setup``
-    (teacher checkpoint, data paths, Train storage) arrive through ``tune.with_parameters``.
-    A deterministic Train run name per trial lets a restored sweep find the run and its checkpoints."""
-    train_cfg = space.train_config(dict(config), out="unused", teacher_checkpoint=setup["teacher_checkpoint"],
-                                   data_paths=setup["data_paths"])
+def run_trial(config: dict, *, space, setup: dict, rows: dict | None = None) -> None:
+    """The Tune trainable. ``config`` holds the searched values (a sweep) or a grid ``row`` and ``seed``
+    (an ablation, whose rows map names to a method and its parameters); ``space`` (a SweepSpace),
+    ``setup`` (teacher checkpoint, data paths, Train storage) and ``rows`` arrive through
+    ``tune.with_parameters``. A deterministic Train run name per trial lets a restored sweep find the
+    run and its checkpoints."""
+    values = dict(config)
+    seed = values.pop("seed", None)
+    method = None
+    if "row" in values:
+        row = rows[values.pop("row")]
+        method, values = row["method"], {**row.get("params", {}), **values}
+    train_cfg = space.train_config(values, method=method, seed=seed, out="unused",
+                                   teacher_checkpoint=setup["teacher_checkpoint"], data_paths=setup["data_paths"])
     resources = space.resources
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
