@@ -243,6 +243,7 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "run.json", {"config": to_dict(cfg), "data": data.paths,
                                             "world_size": dist_utils.world_size(), "device": str(device),
+                                            "torch_threads": torch.get_num_threads(),
                                             **provenance()})
 
     if distiller is None and cfg.method != "none":

@@ -109,7 +109,7 @@ def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, addres
     try:
         teacher = None
         if any(row["method"] != "none" for row in grid.rows.values()):
-            teacher = ensure_teacher(space, paths, Path(storage) / "teachers")
+            teacher = ensure_teacher(space, paths, runner.teacher_cache(storage))
             experiment.mkdir(parents=True, exist_ok=True)
             if not (experiment / "teacher.json").is_file():
                 atomic_write_json(experiment / "teacher.json", evaluate_teacher(space, paths, teacher))

@@ -79,6 +79,11 @@ def wandb_env(mode: str, experiment: Path, storage: str) -> dict:
     return env
 
 
+def teacher_cache(storage: str):
+    """Where trained teachers are cached: STORAGE/teachers (a string for a cloud URI, refused there)."""
+    return f"{storage.rstrip('/')}/teachers" if "://" in storage else Path(storage) / "teachers"
+
+
 def start_ray(address: str | None, space, env_vars: dict) -> None:
     if ray.is_initialized():
         return
@@ -137,7 +142,7 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
     paths = data_paths(space)
     start_ray(address, space, env_vars)
     try:
-        teacher = ensure_teacher(space, paths, Path(storage) / "teachers") if space.method != "none" else None
+        teacher = ensure_teacher(space, paths, teacher_cache(storage)) if space.method != "none" else None
         setup = {"teacher_checkpoint": teacher, "data_paths": paths, "train_storage": f"{storage.rstrip('/')}/{name}/train",
                  "env_vars": env_vars}
         tuner = build_tuner(space, name, storage, setup, wandb_mode, resume)

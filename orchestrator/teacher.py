@@ -32,6 +32,9 @@ def ensure_teacher(space, data_paths: dict, cache_root: Path, log=print) -> str:
         if not Path(space.pair.teacher_checkpoint).is_file():
             raise UserError(f"pair.teacher_checkpoint: {space.pair.teacher_checkpoint}: file not found")
         return str(Path(space.pair.teacher_checkpoint).resolve())
+    if "://" in str(cache_root):
+        raise UserError("pair.train_teacher: caching a trained teacher needs a filesystem --storage (local or "
+                        "NFS); with a cloud URI, train the teacher first and set pair.teacher_checkpoint")
     probe = teacher_config(space, data_paths, Path("."))
     key_source = json.dumps({**to_dict(probe), "out": None}, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:12]

@@ -8,6 +8,7 @@ epoch, ``attention.png``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,16 +51,19 @@ def train_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
     cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
-    resume_from = None
+    resume_from, resumed_epoch = None, 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None:  # a restarted worker group, or a restored sweep: continue from the last epoch
         with checkpoint.as_directory() as folder:
             if (Path(folder) / CHECKPOINT_NAME).is_file():
                 shutil.copy(Path(folder) / CHECKPOINT_NAME, local / "resume.pt")
                 resume_from = local / "resume.pt"
+                resumed_epoch = json.loads((Path(folder) / "metrics.json").read_text())["final"]["epoch"]
+    node = ray.get_runtime_context().get_node_id()
 
     def report(epoch: int, metrics: dict, written: Path | None) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        metrics.update(resumed_from_epoch=resumed_epoch, node_id=node)
         if written is None:
             ray.train.report(metrics, checkpoint=None)
             return

@@ -1,7 +1,6 @@
 """Real sweeps on a local Ray: 2 gloo workers per trial, tiny budgets, real Optuna SQLite, W&B offline.
 One Ray instance at a time: each sweep runs as its own `python -m orchestrator.sweep` process."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,56 +9,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
-import yaml
 
-from dmkd.models import DetectorConfig, build_detector
-from orchestrator.space import DEFAULT_SPACE
+from tests.sweep_helpers import study as _study
+from tests.sweep_helpers import sweep_command as _command
+from tests.sweep_helpers import sweep_env as _env
+from tests.sweep_helpers import tiny_space as _space
+from tests.sweep_helpers import tune_results as _tune_results
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-TINY = {"arch": "fcos", "backbone": "resnet10_quarter", "fpn_channels": 64, "head_convs": 1, "image_size": 96}
-
-
-def _space(tmp_path, mini_data, num_samples=3) -> Path:
-    torch.manual_seed(0)
-    teacher = tmp_path / "teacher.pt"
-    torch.save({"model": build_detector(DetectorConfig(**TINY, num_classes=4)).state_dict()}, teacher)
-    data = yaml.safe_load(DEFAULT_SPACE.read_text())
-    data.update(name="tiny", num_samples=num_samples, max_concurrent=1,
-                pair={"teacher": TINY, "student": TINY, "teacher_checkpoint": str(teacher), "train_teacher": False},
-                data={k: mini_data[k] for k in ("train_ann", "train_images", "val_ann", "val_images")},
-                fixed={"batch_size": 2, "warmup_iters": 1},
-                budget={"epochs": 2, "max_iters": 2},
-                scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                resources={"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1})
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _command(space: Path, storage: Path) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.sweep", "--space", str(space), "--storage", str(storage),
-            "--wandb", "offline"]
-
-
-def _env(tmp_path):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline",
-            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
-
-
-def _tune_results(experiment: Path) -> dict[str, list[dict]]:
-    """Tune's own per-trial records: trial id -> reported results."""
-    records = {}
-    for file in experiment.glob("run_trial_*/result.json"):
-        lines = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        trial_id = file.parent.name.split("_")[2]
-        records[trial_id] = lines
-    return records
-
-
-def _study(experiment: Path):
-    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{experiment / 'optuna.db'}")
 
 
 def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
@@ -111,7 +68,7 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, mini_data):
-    space, storage = _space(tmp_path, mini_data, num_samples=3), tmp_path / "exp"
+    space, storage = _space(tmp_path, mini_data), tmp_path / "exp"
     experiment = storage / "tiny"
     process = subprocess.Popen(_command(space, storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=_env(tmp_path))

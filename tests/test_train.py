@@ -191,3 +191,25 @@ def test_cli_distillation_needs_a_teacher_checkpoint(tmp_path):
     assert run.returncode == 2 and "t.pt: teacher checkpoint file not found" in run.stderr
     run = _train_cli("--method", "kd", "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and "unknown distillation method 'kd'" in run.stderr
+
+
+def test_atomic_writes_leave_the_previous_file_when_interrupted(tmp_path):
+    from dmkd.io import atomic_write, atomic_write_json
+
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"epoch": 1})
+
+    def crash(handle):
+        handle.write('{"epoch": 2, "half')
+        raise KeyboardInterrupt  # a kill in the middle of the write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert json.loads(path.read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left behind
+    checkpoint = tmp_path / "checkpoint.pt"
+    atomic_write(checkpoint, lambda handle: torch.save({"step": 1}, handle), mode="wb")
+    with pytest.raises(RuntimeError):
+        atomic_write(checkpoint, lambda handle: (torch.save({"step": 2}, handle), (_ for _ in ()).throw(RuntimeError())),
+                     mode="wb")
+    assert torch.load(checkpoint, weights_only=True) == {"step": 1}

@@ -1,0 +1,57 @@
+"""Helpers for the tests that run real sweeps, each as its own `python -m orchestrator.sweep` process."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+
+from dmkd.models import DetectorConfig, build_detector
+from orchestrator.space import DEFAULT_SPACE
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"arch": "fcos", "backbone": "resnet10_quarter", "fpn_channels": 64, "head_convs": 1, "image_size": 96}
+
+
+def tiny_space(tmp_path: Path, mini_data: dict, **changes) -> Path:
+    """A sweep space on the test mini-benchmark with a saved random tiny teacher; ``changes`` replace keys."""
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"model": build_detector(DetectorConfig(**TINY, num_classes=4)).state_dict()}, teacher)
+    data = yaml.safe_load(DEFAULT_SPACE.read_text())
+    data.update(name="tiny", num_samples=3, max_concurrent=1,
+                pair={"teacher": TINY, "student": TINY, "teacher_checkpoint": str(teacher), "train_teacher": False},
+                data={k: mini_data[k] for k in ("train_ann", "train_images", "val_ann", "val_images")},
+                fixed={"batch_size": 2, "warmup_iters": 1},
+                budget={"epochs": 2, "max_iters": 2},
+                scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                resources={"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1})
+    data.update(changes)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sweep_command(space: Path, storage: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.sweep", "--space", str(space), "--storage", str(storage),
+            "--wandb", "offline", *extra]
+
+
+def sweep_env(tmp_path: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline",
+            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+
+
+def tune_results(experiment: Path) -> dict[str, list[dict]]:
+    """Tune's own per-trial records: trial id -> reported results."""
+    records = {}
+    for file in experiment.glob("run_trial_*/result.json"):
+        lines = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        records[file.parent.name.split("_")[2]] = lines
+    return records
+
+
+def study(experiment: Path, name: str = "tiny"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{experiment / 'optuna.db'}")
