@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
 from pathlib import Path
@@ -22,19 +21,13 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
 from dmkd.errors import UserError
+from dmkd.io import read_json
 
 
 def load_coco(ann_file: str | os.PathLike) -> COCO:
     """Read and check a COCO instances file; every problem is a one-line ``UserError``."""
     path = Path(ann_file)
-    if not path.is_file():
-        raise UserError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read ({error})") from error
+    data = read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise UserError(f"{path}: must hold a JSON object with 'images', 'annotations' and 'categories'")
     for key in ("images", "categories"):

@@ -18,6 +18,7 @@ from pycocotools.cocoeval import COCOeval
 
 from dmkd.data import load_coco
 from dmkd.errors import UserError, one_line
+from dmkd.io import read_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -41,12 +42,7 @@ def coco_evaluate(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
 
 def load_results(path: str | Path, coco_gt: COCO) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: results file not found")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
+    results = read_json(path, "results file")
     if not isinstance(results, list):
         raise UserError(f"{path}: must hold a JSON list of COCO results")
     known_images, known_categories = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())

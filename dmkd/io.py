@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from dmkd.errors import UserError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
@@ -26,3 +28,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write(path, lambda handle: json.dump(data, handle, indent=1))
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file; a missing or broken file is a one-line ``UserError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read ({error})") from None

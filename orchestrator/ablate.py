@@ -16,14 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from dmkd.distillers import METHODS, method_parameters
 from dmkd.errors import UserError, one_line
 from dmkd.io import atomic_write_json
 from dmkd.provenance import provenance
 from dmkd.train import parse_assignment
-from orchestrator.space import DEFAULT_SPACE, TRAIN_KEYS, describe, load_space
+from orchestrator.space import DEFAULT_SPACE, TRAIN_KEYS, describe, load_space, read_yaml
 from orchestrator.sweep import WANDB_MODES, has_wandb_key
 
 DEFAULT_GRID = DEFAULT_SPACE.parent / "ablation.yaml"
@@ -40,12 +38,7 @@ class Grid:
 def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_sweep: str | None = None,
               overrides: list = ()) -> Grid:
     path = Path(path) if path else DEFAULT_GRID
-    if not path.is_file():
-        raise UserError(f"{path}: ablation grid file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid YAML: {getattr(error, 'problem', error)}") from None
+    data = read_yaml(path, "ablation grid")
     allowed = {"name", "base", "set", "seeds", "rows"}
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -124,7 +117,8 @@ def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, addres
             tuner = tune.Tuner(
                 trainable,
                 param_space={"row": tune.grid_search(list(grid.rows)), "seed": tune.grid_search(grid.seeds)},
-                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent),
+                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent,
+                                            trial_dirname_creator=runner.trial_dirname),
                 run_config=tune.RunConfig(name=name, storage_path=storage,
                                           callbacks=runner.wandb_callback(space, experiment, wandb_mode,
                                                                           job_type="ablation", rows=grid.rows),

@@ -79,6 +79,11 @@ def wandb_env(mode: str, experiment: Path, storage: str) -> dict:
     return env
 
 
+def trial_dirname(trial) -> str:
+    """Tune's trial folder: ``run_trial_<id>`` (Tune's default puts every parameter value in the name)."""
+    return f"run_trial_{trial.trial_id}"
+
+
 def teacher_cache(storage: str):
     """Where trained teachers are cached: STORAGE/teachers (a string for a cloud URI, refused there)."""
     return f"{storage.rstrip('/')}/teachers" if "://" in storage else Path(storage) / "teachers"
@@ -129,7 +134,8 @@ def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, re
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent),
-                                    scheduler=scheduler, num_samples=space.num_samples),
+                                    scheduler=scheduler, num_samples=space.num_samples,
+                                    trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=wandb_callback(space, experiment or Path("."), wandb_mode),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )

@@ -227,10 +227,10 @@ def set_value(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_space(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> SweepSpace:
-    path = Path(path) if path else DEFAULT_SPACE
+def read_yaml(path: Path, what: str) -> dict:
+    """Parse a YAML mapping; a missing or broken file is a one-line ``UserError`` naming it."""
     if not path.is_file():
-        raise UserError(f"{path}: search space file not found")
+        raise UserError(f"{path}: {what} file not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
@@ -239,6 +239,12 @@ def load_space(path: str | Path | None = None, overrides: list[tuple[str, Any]] 
         raise UserError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: must hold a mapping of keys")
+    return data
+
+
+def load_space(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> SweepSpace:
+    path = Path(path) if path else DEFAULT_SPACE
+    data = read_yaml(path, "search space")
     for dotted, value in overrides:
         set_value(data, dotted, value)
     search = data.pop("search", {}) or {}

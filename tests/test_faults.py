@@ -1,8 +1,11 @@
 """Fault tolerance on a local Ray: a killed Train worker, a killed sweep driver. Each sweep runs as its
 own process; a test kills only processes that its own sweep started."""
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -105,3 +108,27 @@ def test_a_killed_driver_is_resumed_without_rerunning_finished_trials(tmp_path, 
     trials = study(experiment).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
+
+
+def test_a_nan_trial_fails_with_its_reason_after_the_configured_retries(tmp_path, mini_data):
+    import csv
+
+    space = tiny_space(tmp_path, mini_data, num_samples=2, max_failures=1, scheduler={"type": "none"},
+                       search={"alpha": {"type": "loguniform", "low": 1e299, "high": 1e300}},
+                       resources={"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1})
+    storage = tmp_path / "exp"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # this sweep's own Ray logs (short: socket paths)
+    try:
+        run = subprocess.run(sweep_command(space, storage), capture_output=True, text=True,
+                             env={**sweep_env(tmp_path), "RAY_TMPDIR": str(ray_tmp)}, timeout=900)
+        attempts = [log.read_text().count("Attempting to start training worker group")
+                    for log in ray_tmp.glob("**/logs/train/ray-train-app-controller-*.log")]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]  # it ends: no retrying forever
+    experiment = storage / "tiny"
+    rows = list(csv.DictReader((experiment / "results.csv").open()))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"failed"}
+    assert all("loss became inf" in r["error"] for r in rows), [r["error"] for r in rows]
+    assert [t.state.name for t in study(experiment).trials] == ["FAIL", "FAIL"]
+    assert attempts == [2, 2]  # each trial: one try and max_failures=1 retry, then given up

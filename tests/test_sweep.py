@@ -93,3 +93,24 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
         assert len(after[trial_id]) == count  # not re-run
     trials = _study(experiment).trials
     assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
+
+
+def test_a_second_objective_makes_the_search_multi_objective(tmp_path, mini_data):
+    space = _space(tmp_path, mini_data, num_samples=2, scheduler={"type": "none"}, budget={"epochs": 1, "max_iters": 2},
+                   objective={"metric": "val/AP", "mode": "max", "second_metric": "loss/distill", "second_mode": "min"},
+                   resources={"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1})
+    storage = tmp_path / "exp"
+    run = subprocess.run(_command(space, storage), capture_output=True, text=True, env=_env(tmp_path), timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    experiment = storage / "tiny"
+    found = _study(experiment)
+    assert [d.name for d in found.directions] == ["MAXIMIZE", "MINIMIZE"]
+    records = _tune_results(experiment)
+    for trial in found.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        matching = [h[-1] for h in records.values() if h[-1]["val/AP"] == trial.values[0]]
+        assert any(r["loss/distill"] == trial.values[1] for r in matching)
+    report = json.loads((experiment / "report.json").read_text())
+    front = {p["trial_id"] for p in report["pareto_front"]}
+    assert front and front <= set(records)
+    assert (experiment / "pareto.png").read_bytes()[:4] == b"\x89PNG"
