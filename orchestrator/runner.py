@@ -178,4 +178,3 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
     return {"rows": rows, "best": best, "completed": len(finished) == len(rows) and len(rows) == space.num_samples}
 
 
-__all__ = ["run_sweep"]

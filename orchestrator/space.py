@@ -313,4 +313,3 @@ def describe(space: SweepSpace) -> dict:
     return {**to_dict(space), "search": {k: to_dict(v) for k, v in space.search.items()}, "pair_name": space.pair_name}
 
 
-__all__ = ["SweepSpace", "load_space", "define_by_run", "paper_default_point", "describe"]

@@ -56,8 +56,8 @@ def train_worker(config: dict) -> None:
     if checkpoint is not None:  # a restarted worker group, or a restored sweep: continue from the last epoch
         with checkpoint.as_directory() as folder:
             if (Path(folder) / CHECKPOINT_NAME).is_file():
-                shutil.copy(Path(folder) / CHECKPOINT_NAME, local / "resume.pt")
-                resume_from = local / "resume.pt"
+                resume_from = local.with_name(local.name + "-resume.pt")  # beside, not inside, the checkpoint folder
+                shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
                 resumed_epoch = json.loads((Path(folder) / "metrics.json").read_text())["final"]["epoch"]
     node = ray.get_runtime_context().get_node_id()
 
@@ -75,6 +75,8 @@ def train_worker(config: dict) -> None:
         fit(cfg, on_epoch_end=report, progress=False, resume_from=resume_from)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+        if resume_from is not None:
+            resume_from.unlink(missing_ok=True)
 
 
 def run_trial(config: dict, *, space, setup: dict, rows: dict | None = None) -> None:
