@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from dmkd import distributed as dist_utils
 from dmkd.config import from_dict, to_dict
-from dmkd.data import CocoDetection, collate, load_coco, to_coco_results
+from dmkd.data import CocoDetection, collate, to_coco_results
 from dmkd.errors import UserError, one_line
 from dmkd.evaluate import coco_evaluate
 from dmkd.io import atomic_write, atomic_write_json

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from dmkd.errors import UserError, one_line
-from dmkd.io import atomic_write_json
 from dmkd.provenance import provenance
 from dmkd.train import parse_assignment
 from orchestrator.space import describe, load_space, paper_default_point
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: rerun the same command (or add --resume) to continue", file=sys.stderr)
+        print("interrupted: rerun the same command (or add --resume) to continue", file=sys.stderr)
         return 130
     return 0 if summary.get("completed") else 1
 

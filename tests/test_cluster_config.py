@@ -2,7 +2,6 @@
 the ray package (no cloud access)."""
 import copy
 import json
-import os
 from pathlib import Path
 
 import jsonschema

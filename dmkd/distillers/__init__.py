@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 from functools import partial
 
-from torch import nn
 
 from dmkd.distillers.base import DistillContext, MultiLevel
 from dmkd.distillers.dmkd import DMKDLoss
