@@ -22,7 +22,7 @@ from dmkd.io import atomic_write_json
 from dmkd.provenance import provenance
 from dmkd.train import parse_assignment
 from orchestrator.space import DEFAULT_SPACE, TRAIN_KEYS, describe, load_space, read_yaml
-from orchestrator.sweep import WANDB_MODES, has_wandb_key
+from orchestrator.sweep import WANDB_MODES, resolve_storage, resolve_wandb_mode
 
 DEFAULT_GRID = DEFAULT_SPACE.parent / "ablation.yaml"
 
@@ -153,10 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [parse_assignment(item, "--set") for item in args.set]
         grid = load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides)
         name = args.name or grid.name
-        storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
-        wandb_mode = args.wandb or ("online" if has_wandb_key() else "offline")
-        if wandb_mode == "online" and not has_wandb_key():
-            wandb_mode = "offline"
+        storage = resolve_storage(args.storage)
+        wandb_mode = resolve_wandb_mode(args.wandb)
         plan = {"name": name, "experiment": f"{storage.rstrip('/')}/{name}", "pair": grid.space.pair_name,
                 "rows": grid.rows, "seeds": grid.seeds, "trials": len(grid.rows) * len(grid.seeds),
                 "epochs_per_trial": grid.space.budget.epochs, "wandb": wandb_mode}

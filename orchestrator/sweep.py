@@ -52,6 +52,20 @@ def has_wandb_key() -> bool:
         return False
 
 
+def resolve_storage(storage: str) -> str:
+    """A cloud URI as given; a folder as an absolute path (Ray workers do not share the driver's cwd)."""
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def resolve_wandb_mode(asked: str | None) -> str:
+    """``--wandb``: default online with an API key, else offline; online without a key falls back to offline."""
+    if asked in (None, "online") and not has_wandb_key():
+        if asked == "online":
+            print("wandb: no API key found (WANDB_API_KEY or ~/.netrc); logging offline instead", file=sys.stderr)
+        return "offline"
+    return asked or "online"
+
+
 def resolve_space(args):
     overrides = [parse_assignment(item, "--set") for item in args.set]
     if args.num_samples is not None:
@@ -79,11 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         space = resolve_space(args)
         name = args.name or space.name
-        storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
-        wandb_mode = args.wandb or ("online" if has_wandb_key() else "offline")
-        if args.wandb == "online" and not has_wandb_key():
-            print("wandb: no API key found (WANDB_API_KEY or ~/.netrc); logging offline instead", file=sys.stderr)
-            wandb_mode = "offline"
+        storage = resolve_storage(args.storage)
+        wandb_mode = resolve_wandb_mode(args.wandb)
         the_plan = plan(space, name, storage, wandb_mode, args.address)
         if args.dry_run:
             print(json.dumps(the_plan, indent=2))
