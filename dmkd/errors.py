@@ -1,6 +1,9 @@
 """User-facing errors: one line that names the file and the field."""
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class UserError(Exception):
     """Bad input from the user (a file, a field, an option).
@@ -22,3 +25,16 @@ def one_line(error: BaseException) -> str:
     last = lines[-1]
     prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
     return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def run_command(body: Callable[[], int], interrupted: str) -> int:
+    """Run a command line's body and return its exit code: a ``UserError`` becomes one line on stderr
+    and exit code 2; Ctrl-C prints ``interrupted`` (what to do next) and exit code 130."""
+    try:
+        return body()
+    except UserError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130

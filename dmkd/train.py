@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dmkd import distributed as dist_utils
 from dmkd.config import from_dict, to_dict
 from dmkd.data import CocoDetection, collate, to_coco_results
-from dmkd.errors import UserError, one_line
+from dmkd.errors import UserError, run_command
 from dmkd.evaluate import coco_evaluate
 from dmkd.io import atomic_write, atomic_write_json
 from dmkd.distillers import DistillContext, METHODS, build_distiller
@@ -450,19 +450,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         cfg = config_from_args(args)
         cfg.validate()
         final = fit(cfg)
-    except UserError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is in the checkpoint; rerun with --resume", file=sys.stderr)
-        return 130
-    summary = {k: v for k, v in final.items() if k.startswith("val/")}
-    print(json.dumps({"out": cfg.out, "epochs": final.get("epoch"), **summary}))
-    return 0
+        summary = {k: v for k, v in final.items() if k.startswith("val/")}
+        print(json.dumps({"out": cfg.out, "epochs": final.get("epoch"), **summary}))
+        return 0
+
+    return run_command(run, interrupted="the last finished epoch is in the checkpoint; rerun with --resume")
 
 
 if __name__ == "__main__":

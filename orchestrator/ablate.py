@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from dmkd.distillers import METHODS, method_parameters
-from dmkd.errors import UserError, one_line
+from dmkd.errors import UserError, run_command
 from dmkd.io import atomic_write_json
 from dmkd.provenance import provenance
 from dmkd.train import parse_assignment
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray address to join (e.g. auto); default: start a local Ray")
     parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the plan; no Ray")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         overrides = [parse_assignment(item, "--set") for item in args.set]
         grid = load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides)
         name = args.name or grid.name
@@ -164,13 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_ablation(grid, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,
                                record={"plan": plan, "space": describe(grid.space), "rows": grid.rows,
                                        "seeds": grid.seeds, **provenance()})
-    except UserError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0 if summary["failed"] == 0 else 1
+        return 0 if summary["failed"] == 0 else 1
+
+    return run_command(run, interrupted="rerun the same command to continue")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from dmkd.errors import UserError, one_line
+from dmkd.errors import run_command
 from dmkd.provenance import provenance
 from dmkd.train import parse_assignment
 from orchestrator.space import describe, load_space, paper_default_point
@@ -90,7 +90,8 @@ def plan(space, name: str, storage: str, wandb_mode: str, address: str | None) -
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         space = resolve_space(args)
         name = args.name or space.name
         storage = resolve_storage(args.storage)
@@ -103,13 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = run_sweep(space, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,
                             resume=args.resume, record={"plan": the_plan, "space": describe(space), **provenance()})
-    except UserError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command (or add --resume) to continue", file=sys.stderr)
-        return 130
-    return 0 if summary.get("completed") else 1
+        return 0 if summary.get("completed") else 1
+
+    return run_command(run, interrupted="rerun the same command (or add --resume) to continue")
 
 
 if __name__ == "__main__":
