@@ -3,10 +3,13 @@ and (b) through `python -m orchestrator.sweep` on a local Ray (one trial at a ti
 W&B off), on the mini-benchmark student with DMKD distillation.
 
     python bench/sweep_overhead.py --teacher runs/teacher/checkpoint.pt --trials 2 --epochs 9
+    python bench/sweep_overhead.py --teacher runs/teacher/checkpoint.pt --cpus-per-trial 1
 
 Prints the wall times, their ratio, and where the sweep's extra time goes: before the first trial (Ray
 start, data and teacher checks), per trial outside the training loop (worker-group start, checkpoint
 upload, loading data and teacher in the worker), and inside the loop (the same epochs, timed by the loop).
+``--cpus-per-trial`` sets both the trial's Ray Train worker CPUs and the plain runs' OpenMP threads, so
+both sides compute with the same number of threads.
 """
 from __future__ import annotations
 
@@ -27,13 +30,14 @@ ALPHAS = [2e-6, 5e-6, 1e-5, 2e-5, 5e-7, 1e-6]
 
 
 def plain(args, work: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus_per_trial)}
     times, epoch_s = [], []
     for i in range(args.trials):
         out = work / f"plain{i}"
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "dmkd.train", "--method", "dmkd", "--teacher-checkpoint", args.teacher,
                         "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--out", str(out),
-                        "--distill", f"alpha={ALPHAS[i % len(ALPHAS)]}"], check=True, cwd=ROOT,
+                        "--distill", f"alpha={ALPHAS[i % len(ALPHAS)]}"], check=True, cwd=ROOT, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - started)
         epochs = json.loads((out / "metrics.json").read_text())["epochs"]
@@ -47,6 +51,7 @@ def swept(args, work: Path) -> dict:
                  search={"alpha": {"type": "categorical", "choices": [ALPHAS[i % len(ALPHAS)] for i in range(args.trials)]}})
     space["pair"].update(teacher_checkpoint=args.teacher, train_teacher=False)
     space["data"] = {"mini_dir": args.data_dir}
+    space["resources"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": args.cpus_per_trial}
     path = work / "overhead.yaml"
     path.write_text(yaml.safe_dump(space))
     started = time.perf_counter()
@@ -59,7 +64,8 @@ def swept(args, work: Path) -> dict:
         history = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         trials.append(history[-1]["time_total_s"])
         loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in history))
-    return {"wall_s": wall, "per_trial_s": trials, "loop_s": loops}
+    teacher = json.loads((work / "exp" / "overhead" / "teacher.json").read_text())
+    return {"wall_s": wall, "per_trial_s": trials, "loop_s": loops, "teacher_figures_from": teacher.get("figures_from")}
 
 
 def main() -> None:
@@ -67,7 +73,8 @@ def main() -> None:
     parser.add_argument("--teacher", required=True, help="teacher checkpoint (e.g. from python -m dmkd.train)")
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "mini"))
     parser.add_argument("--trials", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=9, help="9 epochs: about 2 minutes a trial on 2 CPU cores")
+    parser.add_argument("--epochs", type=int, default=9, help="9 epochs: about 2.5 minutes a trial on 2 CPU cores")
+    parser.add_argument("--cpus-per-trial", type=int, default=2)
     args = parser.parse_args()
     args.teacher = str(Path(args.teacher).resolve())
     args.data_dir = str(Path(args.data_dir).resolve())
@@ -77,13 +84,15 @@ def main() -> None:
         b = swept(args, work)
     n = args.trials
     report = {
-        "trials": n, "epochs": args.epochs,
+        "trials": n, "epochs": args.epochs, "cpus_per_trial": args.cpus_per_trial, "cores": os.cpu_count(),
         "plain_wall_s": a["wall_s"], "sweep_wall_s": b["wall_s"], "ratio": b["wall_s"] / a["wall_s"],
         "plain_trial_s": statistics.fmean(a["per_trial_s"]), "sweep_trial_s": statistics.fmean(b["per_trial_s"]),
         "plain_loop_s": statistics.fmean(a["loop_s"]), "sweep_loop_s": statistics.fmean(b["loop_s"]),
         "sweep_outside_trials_s": b["wall_s"] - sum(b["per_trial_s"]),
         "sweep_per_trial_startup_s": statistics.fmean(t - l for t, l in zip(b["per_trial_s"], b["loop_s"])),
         "plain_per_trial_startup_s": statistics.fmean(t - l for t, l in zip(a["per_trial_s"], a["loop_s"])),
+        "loop_ratio": statistics.fmean(b["loop_s"]) / statistics.fmean(a["loop_s"]),
+        "teacher_figures_from": b["teacher_figures_from"],
     }
     for key, value in report.items():
         print(f"{key:28s} {value:.2f}" if isinstance(value, float) else f"{key:28s} {value}")

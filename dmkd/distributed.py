@@ -6,7 +6,14 @@ import torch.distributed as dist
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """True where more than one process trains together.
+
+    A one-process group (a one-worker Ray Train trial) counts as not distributed: no DDP wrapper and no
+    collectives. Besides saving the all-reduce, this keeps gloo's helper threads from starting OpenMP
+    thread teams of their own, which on a machine with few cores makes libgomp throttle its spin-waits
+    and halves the speed of the training loop (BENCHMARKS.md, orchestration overhead).
+    """
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:

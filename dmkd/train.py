@@ -144,6 +144,7 @@ def build_distillation(cfg: "TrainConfig", num_classes: int) -> tuple[TeacherFea
                         f"{dict(student_shapes)}; use the same architecture family and image size")
     student_channels = next(iter(student_shapes.values()))[0]
     teacher_channels = next(iter(teacher_shapes.values()))[0]
+    torch.manual_seed(cfg.seed)  # the distiller's initial weights depend on the seed only
     distiller = build_distiller(cfg.method, student_channels, teacher_channels, list(student_shapes), cfg.distill)
     return TeacherFeatures(teacher_detector), distiller
 
@@ -346,7 +347,7 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
                      "distiller": model.distiller.state_dict() if distiller is not None else None,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch + 1, "step": step, "history": history, "rng": torch.get_rng_state(),
-                     "config": to_dict(cfg)}
+                     "config": to_dict(cfg), "data": {k: str(Path(v).resolve()) for k, v in data.paths.items()}}
             written = out / CHECKPOINT_NAME
             atomic_write(written, lambda handle: torch.save(state, handle), mode="wb")
             atomic_write_json(out / "metrics.json", {"epochs": history, "final": metrics})

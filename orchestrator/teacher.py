@@ -70,8 +70,33 @@ def _evaluate(cfg_dict: dict, checkpoint: str) -> dict:
     return {f"val/{k}": v for k, v in figures.items()}
 
 
+def recorded_figures(checkpoint: str, data_paths: dict) -> dict | None:
+    """The validation figures a ``dmkd.train`` checkpoint recorded after its last epoch, when that
+    evaluation used these validation images and annotations; None otherwise (a plain state dict, an
+    older checkpoint, another validation set, or no evaluation in the last epoch)."""
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # load_weights reports unreadable files; here they just mean "evaluate"
+        return None
+    if not isinstance(state, dict) or not state.get("history") or not isinstance(state.get("data"), dict):
+        return None
+    wanted = {k: str(Path(data_paths[k]).resolve()) for k in ("val_ann", "val_images")}
+    if any(state["data"].get(k) != v for k, v in wanted.items()):
+        return None
+    last = state["history"][-1]
+    figures = {k: v for k, v in last.items() if k.startswith("val/")}
+    return figures if "val/AP" in figures else None
+
+
 def evaluate_teacher(space, data_paths: dict, checkpoint: str) -> dict:
-    """The teacher's COCO figures on the validation set (the report's teacher row), as a Ray task."""
-    cfg = teacher_config(space, data_paths, Path("."))
-    figures = ray.get(ray.remote(num_cpus=1)(_evaluate).remote(to_dict(cfg), checkpoint))
-    return {"checkpoint": checkpoint, "detector": to_dict(space.pair.teacher), **figures}
+    """The teacher's COCO figures on the validation set (the report's teacher row): those its
+    checkpoint recorded on the same validation set, else a fresh evaluation as a Ray task."""
+    figures = recorded_figures(checkpoint, data_paths)
+    source = "checkpoint"
+    if figures is None:
+        cfg = teacher_config(space, data_paths, Path("."))
+        figures = ray.get(ray.remote(num_cpus=1)(_evaluate).remote(to_dict(cfg), checkpoint))
+        source = "evaluated"
+    return {"checkpoint": checkpoint, "detector": to_dict(space.pair.teacher), "figures_from": source, **figures}

@@ -7,7 +7,6 @@ epoch, ``attention.png``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -20,26 +19,25 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from dmkd.config import to_dict
-from dmkd.train import CHECKPOINT_NAME, TrainConfig, fit
+from dmkd.train import CHECKPOINT_NAME, TrainConfig, build_distillation, fit, load_data
 
 ATTENTION_PNG = "attention.png"
 
 
-def _render_attention_png(cfg: TrainConfig, folder: Path) -> None:
-    """The teacher's attention and mask on the first validation image (DMKD-family methods only)."""
-    if not cfg.method.startswith("dmkd") or not cfg.teacher_checkpoint:
+def _render_attention_png(cfg: TrainConfig, data, teacher, folder: Path) -> None:
+    """The teacher's attention and mask on the first validation image (DMKD-family methods only), from
+    the data and teacher the trial already holds."""
+    if not cfg.method.startswith("dmkd") or teacher is None:
         return
+    import torch
+
     from dmkd.distillers import method_parameters
-    from dmkd.models import TeacherFeatures, build_detector, load_weights
-    from dmkd.train import load_data
     from dmkd.visualize import render_attention
 
-    data = load_data(cfg)
-    teacher_cfg = dataclasses.replace(cfg.teacher, num_classes=data.train.num_classes)
-    detector = build_detector(teacher_cfg)
-    load_weights(detector, cfg.teacher_checkpoint)
     image, _ = data.val[0]
-    features = TeacherFeatures(detector)([image])
+    device = next(teacher.parameters()).device
+    with torch.no_grad():
+        features = {k: v.cpu() for k, v in teacher([image.to(device)]).items()}
     params = {**method_parameters(cfg.method), **cfg.distill}
     render_attention(image, features, folder / ATTENTION_PNG, temperature=params.get("temperature", 0.5),
                      spatial_ratio=params.get("spatial_ratio", 0.65), mask_mode=params.get("mask_mode", "topk"),
@@ -60,6 +58,8 @@ def train_worker(config: dict) -> None:
                 shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
                 resumed_epoch = json.loads((Path(folder) / "metrics.json").read_text())["final"]["epoch"]
     node = ray.get_runtime_context().get_node_id()
+    data = load_data(cfg)  # loaded once: the loop and the attention picture share data and teacher
+    teacher, distiller = build_distillation(cfg, data.train.num_classes) if cfg.method != "none" else (None, None)
 
     def report(epoch: int, metrics: dict, written: Path | None) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -68,11 +68,12 @@ def train_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=None)
             return
         if epoch == cfg.epochs:
-            _render_attention_png(cfg, local)
+            _render_attention_png(cfg, data, teacher, local)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(local)))
 
     try:
-        fit(cfg, on_epoch_end=report, progress=False, resume_from=resume_from)
+        fit(cfg, distiller=distiller, teacher=teacher, data=data, on_epoch_end=report, progress=False,
+            resume_from=resume_from)
     finally:
         shutil.rmtree(local, ignore_errors=True)
         if resume_from is not None:

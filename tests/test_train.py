@@ -213,3 +213,42 @@ def test_atomic_writes_leave_the_previous_file_when_interrupted(tmp_path):
         atomic_write(checkpoint, lambda handle: (torch.save({"step": 2}, handle), (_ for _ in ()).throw(RuntimeError())),
                      mode="wb")
     assert torch.load(checkpoint, weights_only=True) == {"step": 1}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_records_the_figures_of_its_last_evaluation(mini_data, tmp_path):
+    """The sweep's teacher row reuses these instead of evaluating again: they must equal a fresh evaluation,
+    and count only for the validation set they were measured on."""
+    import dataclasses
+
+    from dmkd.models import build_detector, load_weights
+    from dmkd.train import evaluate_detector, load_data
+    from orchestrator.teacher import recorded_figures
+
+    cfg = _config(mini_data, tmp_path / "t", epochs=1)
+    fit(cfg, progress=False)
+    checkpoint = str(tmp_path / "t" / "checkpoint.pt")
+    data = load_data(cfg)
+    detector = build_detector(dataclasses.replace(TINY, num_classes=data.train.num_classes))
+    load_weights(detector, checkpoint)
+    fresh, _ = evaluate_detector(detector, data.val, torch.device("cpu"), batch_size=4)
+    assert recorded_figures(checkpoint, mini_data) == {f"val/{k}": v for k, v in fresh.items()}
+    assert recorded_figures(checkpoint, {**mini_data, "val_ann": mini_data["train_ann"]}) is None
+    plain = tmp_path / "weights.pt"
+    torch.save(detector.state_dict(), plain)
+    assert recorded_figures(str(plain), mini_data) is None
+
+
+def test_a_one_process_group_is_not_distributed(tmp_path):
+    """A one-worker Ray Train trial has a process group of one: no DDP wrapper and no collectives for it
+    (gloo's threads would otherwise start OpenMP teams that slow the loop on small machines)."""
+    from dmkd import distributed
+
+    assert not distributed.is_distributed()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized() and not distributed.is_distributed()
+        assert distributed.world_size() == 1 and distributed.is_main()
+        assert distributed.mean_over_ranks({"a": 2.0}, torch.device("cpu")) == {"a": 2.0}
+    finally:
+        dist.destroy_process_group()
