@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dmkd.distillers import build_distiller
 from dmkd.models import DetectorConfig, TeacherFeatures, build_detector, feature_shapes
@@ -50,7 +51,9 @@ def make_batch(height: int, width: int, batch: int, num_classes: int, device: to
     return images, targets
 
 
-def time_method(method: str, spec: dict, device: torch.device, steps: int, bf16: bool, channels_last: bool) -> float:
+def build_step(method: str, spec: dict, device: torch.device, bf16: bool, channels_last: bool):
+    """One method's student, teacher, distiller, optimizer and batch; returns a function that runs one
+    step and gives its seconds, in all and in the teacher's forward."""
     torch.manual_seed(0)
     student = build_detector(spec["student"])
     teacher_detector = build_detector(spec["teacher"])
@@ -63,32 +66,55 @@ def time_method(method: str, spec: dict, device: torch.device, steps: int, bf16:
         teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     images, targets = make_batch(spec["height"], spec["width"], spec["batch"], spec["student"].num_classes, device)
-    times = []
-    for step in range(steps + 1):  # the first step warms up and is not counted
+
+    def sync() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        started = time.perf_counter()
+        return time.perf_counter()
+
+    def step() -> tuple[float, float]:
+        started = sync()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             teacher_features = teacher(images) if teacher is not None else None
+            teacher_done = sync()
             losses = model(images, targets, teacher_features)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        return sync() - started, teacher_done - started
+
+    return step
+
+
+def time_methods(methods: list[str], spec: dict, device: torch.device, steps: int, bf16: bool,
+                 channels_last: bool) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Median seconds per step of each method and of the teacher's forward within it, and the step's
+    FLOPs (convolutions and matrix products, forward and backward, as torch's FlopCounterMode counts
+    them). The methods take turns, one step each per round, so that a machine whose speed drifts (a
+    shared VM) slows every method alike; round 0 warms up, counts the FLOPs and is not timed."""
+    step_of = {method: build_step(method, spec, device, bf16, channels_last) for method in methods}
+    times: dict[str, list[tuple[float, float]]] = {method: [] for method in methods}
+    flops = {}
+    for method, step in step_of.items():
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops[method] = float(counter.get_total_flops())
+    for _ in range(steps):
+        for method, step in step_of.items():
+            times[method].append(step())
+    median = {method: statistics.median(t for t, _ in values) for method, values in times.items()}
+    teacher = {method: statistics.median(t for _, t in values) for method, values in times.items()}
+    return median, teacher, flops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=("mini", "coco", "both"), default="both")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, help="timed steps per method (default: 10 mini, 3 coco)")
+    parser.add_argument("--steps", type=int, help="timed steps per method (default: 10 mini, 8 coco)")
     parser.add_argument("--batch", type=int, help="override the batch size")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or a CPU with bf16 units)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
@@ -104,15 +130,19 @@ def main() -> None:
             spec["batch"] = args.batch
         elif name == "coco" and device.type == "cuda":
             spec["batch"] = 2
-        steps = args.steps or (10 if name == "mini" else 3)
-        seconds = {m: time_method(m, spec, device, steps, args.bf16, args.channels_last) for m in args.methods.split(",")}
+        steps = args.steps or (10 if name == "mini" else 8)
+        seconds, teacher, flops = time_methods(args.methods.split(","), spec, device, steps, args.bf16, args.channels_last)
         base = seconds.get("none")
         report["results"][name] = {"batch": spec["batch"], "steps": steps, "seconds": seconds,
+                                   "teacher_forward_seconds": {m: t for m, t in teacher.items() if m != "none"},
+                                   "flops": flops,
                                    "ratio_to_none": {m: s / base for m, s in seconds.items()} if base else None}
         print(f"{name} (batch {spec['batch']}, median of {steps} steps):", flush=True)
         for method, value in seconds.items():
             ratio = f"{value / base:.2f}x" if base else "-"
-            print(f"  {method:8s} {value * 1000:9.1f} ms  {ratio}", flush=True)
+            work = f"{flops[method] / 1e9:8.0f} GFLOP  {flops[method] / flops['none']:.2f}x" if base else ""
+            within = f"  (teacher forward {teacher[method] * 1000:.0f} ms)" if method != "none" else ""
+            print(f"  {method:8s} {value * 1000:9.1f} ms  {ratio}  {work}{within}", flush=True)
     print(json.dumps(report))
 
 

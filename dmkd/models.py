@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import resnet
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -171,12 +172,39 @@ class FeatureTap:
             handle.remove()
 
 
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold each BatchNorm2d that follows a conv in a torchvision ResNet (``convN``/``bnN`` attribute pairs
+    and ``downsample = Sequential(conv, bn)``) into that conv, in place; returns how many it folded.
+
+    Exact up to float rounding for frozen statistics, and it removes one full pass over every activation
+    of the backbone: the frozen teacher's forward is ~19 % faster on the COCO-sized pair (BENCHMARKS.md).
+    """
+    folded = 0
+    for child in module.children():
+        folded += fold_batch_norms(child)
+    pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+    if isinstance(module, nn.Sequential) and len(module) == 2:
+        pairs.append(("0", "1"))
+    for conv_name, norm_name in pairs:
+        conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), norm.eval()))
+            setattr(module, norm_name, nn.Identity())
+            folded += 1
+    return folded
+
+
 class TeacherFeatures(nn.Module):
-    """Runs only a teacher detector's transform, backbone and FPN: eval mode, no gradients, no head."""
+    """Runs only a teacher detector's transform, backbone and FPN: eval mode, no gradients, no head.
+
+    Takes the detector over: its BatchNorms are folded into the convs before them (the teacher's
+    statistics are frozen), so load the teacher's weights before wrapping it.
+    """
 
     def __init__(self, detector: nn.Module):
         super().__init__()
         self.detector = detector.eval().requires_grad_(False)
+        fold_batch_norms(self.detector.backbone)
 
     def train(self, mode: bool = True) -> "TeacherFeatures":
         return super().train(False)  # the teacher's BatchNorm statistics stay frozen

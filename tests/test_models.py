@@ -71,6 +71,29 @@ def test_teacher_features_never_run_the_head_and_take_no_gradient():
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("backbone", ["resnet10_quarter", "resnet50"])
+def test_the_teacher_folds_its_batch_norms_without_changing_its_features(backbone):
+    torch.manual_seed(0)
+    detector = build_detector(DetectorConfig(backbone=backbone, fpn_channels=64, image_size=64))
+    for module in detector.modules():  # statistics far from the identity, so a wrong fold shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.5, 0.5)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in detector.backbone.modules())
+    images = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        unfolded = detector.eval().backbone(detector.transform(images)[0].tensors)
+    teacher = TeacherFeatures(detector)
+    assert norms > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    folded = teacher(images)
+    for name in unfolded:
+        scale = unfolded[name].abs().max().item()  # float rounding grows through 50 layers; a wrong fold is O(scale)
+        torch.testing.assert_close(folded[name], unfolded[name], rtol=0, atol=1e-4 * scale)
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
 def test_load_weights_round_trip_and_errors(tmp_path):
     source = build_detector(DetectorConfig(**SMALL))
     target = build_detector(DetectorConfig(**SMALL))
