@@ -1,4 +1,5 @@
-"""Median time of one training step per distillation method, in one process, as ratios to ``none``.
+"""Median time of one training step per distillation method, in one process, as ratios to ``none``,
+beside each step's FLOPs and the time of the teacher's forward within it.
 
     python bench/step_overhead.py                   # both configurations on the CPU
     python bench/step_overhead.py --config coco --device cuda --bf16 --channels-last

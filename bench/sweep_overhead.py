@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--teacher", required=True, help="teacher checkpoint (e.g. from python -m dmkd.train)")
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "mini"))
     parser.add_argument("--trials", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=9, help="9 epochs: about 2.5 minutes a trial on 2 CPU cores")
+    parser.add_argument("--epochs", type=int, default=9, help="9 epochs: 2.5-4 minutes a trial on 2 CPU cores")
     parser.add_argument("--cpus-per-trial", type=int, default=2)
     parser.add_argument("--concurrent", type=int, default=1, help="trials at once, on both sides (default 1)")
     args = parser.parse_args()
