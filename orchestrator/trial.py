@@ -33,8 +33,8 @@ def _render_attention_png(cfg: TrainConfig, data, teacher, folder: Path) -> None
     from dmkd.visualize import render_attention
 
     image, _ = data.val[0]
-    device = next(teacher.parameters()).device  # TeacherFeatures runs under no_grad itself
-    features = {k: v.cpu() for k, v in teacher([image.to(device)]).items()}
+    device = next(teacher.parameters()).device
+    features = {k: v.cpu() for k, v in teacher([image.to(device)]).items()}  # TeacherFeatures runs under no_grad
     params = {**method_parameters(cfg.method), **cfg.distill}
     render_attention(image, features, folder / ATTENTION_PNG, temperature=params.get("temperature", 0.5),
                      spatial_ratio=params.get("spatial_ratio", 0.65), mask_mode=params.get("mask_mode", "topk"),
