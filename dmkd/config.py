@@ -35,12 +35,12 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if isinstance(value, kind):
             return value
         return from_dict(kind, value, where)
-    if origin in (tuple, list):
+    if origin in (tuple, list) or kind in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: must be a list, but got {value!r}")
         (item,) = typing.get_args(kind)[:1] or (Any,)
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return tuple(items) if tuple in (origin, kind) else items
     if origin is dict or kind is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where}: must be a mapping, but got {value!r}")

@@ -157,3 +157,43 @@ def to_coco_results(outputs: list[dict], targets: list[dict], images: list[torch
                 "score": round(float(score), 5),
             })
     return results
+
+
+class EpochTaggedSampler(torch.utils.data.Sampler):
+    """Yields ``epoch * dataset_size + index`` for each index of ``sampler`` (a DistributedSampler), so
+    that :class:`SeededAugmentation` knows the epoch even inside DataLoader worker processes."""
+
+    def __init__(self, sampler: torch.utils.data.DistributedSampler, dataset_size: int):
+        self.sampler, self.dataset_size, self.epoch = sampler, dataset_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return (self.epoch * self.dataset_size + index for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Random augmentation drawn from (seed, epoch, image) instead of torch's global generator.
+
+    With the global generator, anything else that draws from it (MGD's random masks, bernoulli masks)
+    would change which images are flipped in later steps, so two methods trained with the same seed
+    would not see the same data. Here they do: a seed fixes the order and every augmented image.
+    Indices come tagged with the epoch by :class:`EpochTaggedSampler`.
+    """
+
+    def __init__(self, dataset: CocoDetection, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, tagged: int):
+        epoch, index = divmod(int(tagged), len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.dataset[index]

@@ -34,6 +34,7 @@ class SyntheticSpec:
     image_size: int = 96
     train_images: int = 800
     val_images: int = 200
+    test_images: int = 200  # held out: ablation tables report on it, selection never sees it
     min_objects: int = 1
     max_objects: int = 4
     min_object_size: int = 14
@@ -116,34 +117,38 @@ def generate_split(spec: SyntheticSpec, out: Path, split: str, count: int, seed_
 def ensure_mini_benchmark(out: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, str]:
     """Generate the mini-benchmark into ``out`` unless an identical one is already there.
 
-    Returns the paths as ``train_ann``, ``train_images``, ``val_ann``, ``val_images``.
+    Returns the paths as ``train_ann``, ``train_images``, ``val_ann``, ``val_images``, ``test_ann``,
+    ``test_images``. The three splits come from one generator with different seeds.
     """
     out = Path(out)
     paths = {"train_ann": out / "train.json", "train_images": out / "train",
-             "val_ann": out / "val.json", "val_images": out / "val"}
+             "val_ann": out / "val.json", "val_images": out / "val",
+             "test_ann": out / "test.json", "test_images": out / "test"}
     marker = out / "spec.json"
     wanted = {"version": VERSION, **asdict(spec)}
-    if not (marker.exists() and json.loads(marker.read_text()) == wanted and paths["val_ann"].exists()):
+    if not (marker.exists() and json.loads(marker.read_text()) == wanted and paths["test_ann"].exists()):
         out.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
         generate_split(spec, out, "train", spec.train_images, seed_offset=0)
         generate_split(spec, out, "val", spec.val_images, seed_offset=1)
+        generate_split(spec, out, "test", spec.test_images, seed_offset=2)
         atomic_write_json(marker, wanted)  # written last: its presence means the set is complete
     return {key: str(value) for key, value in paths.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = SyntheticSpec()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m dmkd.synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--train-images", type=int, default=defaults.train_images)
     parser.add_argument("--val-images", type=int, default=defaults.val_images)
+    parser.add_argument("--test-images", type=int, default=defaults.test_images)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
     try:
         spec = SyntheticSpec(image_size=args.image_size, train_images=args.train_images,
-                             val_images=args.val_images, seed=args.seed)
+                             val_images=args.val_images, test_images=args.test_images, seed=args.seed)
         if spec.image_size < 2 * spec.max_object_size:
             raise UserError(f"--image-size: must be at least {2 * spec.max_object_size}, but got {spec.image_size}")
         paths = ensure_mini_benchmark(args.out, spec)

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from dmkd import distributed as dist_utils
 from dmkd.config import from_dict, to_dict
-from dmkd.data import CocoDetection, collate, to_coco_results
+from dmkd.data import CocoDetection, EpochTaggedSampler, SeededAugmentation, collate, to_coco_results
 from dmkd.errors import UserError, run_command
 from dmkd.evaluate import coco_evaluate
 from dmkd.io import atomic_write, atomic_write_json
@@ -52,6 +53,8 @@ class TrainConfig:
     train_images: str | None = None
     val_ann: str | None = None
     val_images: str | None = None
+    test_ann: str | None = None  # optional held-out split, evaluated after the last epoch only
+    test_images: str | None = None
     data_dir: str = "data/mini"
     out: str = "runs/teacher"
     detector: DetectorConfig = MINI_TEACHER
@@ -75,12 +78,19 @@ class TrainConfig:
     teacher_checkpoint: str | None = None
     distill: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def validate(self, check_files: bool = True) -> None:
+        """Every value, before anything is written or trained; ``check_files=False`` skips the checks
+        of files that exist only on the machine that trains (a sweep's ``--dry-run``)."""
         self.detector.validate("detector")
         data = [self.train_ann, self.train_images, self.val_ann, self.val_images]
         if any(data) and not all(data):
             raise UserError("data: give all of train_ann, train_images, val_ann and val_images, or none "
                             "(none means the embedded mini-benchmark)")
+        if bool(self.test_ann) != bool(self.test_images):
+            raise UserError("data: give both test_ann and test_images, or neither")
+        if (self.test_ann or self.test_images) and not self.train_ann:
+            raise UserError("data: test_ann and test_images need the other four paths too (the mini-benchmark "
+                            "has its own test split)")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: must be at least 1, but got {getattr(self, name)}")
@@ -95,9 +105,9 @@ class TrainConfig:
         if self.method not in METHODS:
             raise UserError(f"method: unknown distillation method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method != "none":
-            if not self.teacher_checkpoint:
+            if not self.teacher_checkpoint and check_files:
                 raise UserError(f"teacher_checkpoint: required for method {self.method!r}")
-            if not Path(self.teacher_checkpoint).is_file():
+            if check_files and not Path(self.teacher_checkpoint).is_file():
                 raise UserError(f"{self.teacher_checkpoint}: teacher checkpoint file not found")
             (self.teacher or MINI_TEACHER).validate("teacher")
 
@@ -154,6 +164,7 @@ class Data:
     train: CocoDetection
     val: CocoDetection
     paths: dict
+    test: CocoDetection | None = None
 
 
 def load_data(cfg: TrainConfig) -> Data:
@@ -161,16 +172,29 @@ def load_data(cfg: TrainConfig) -> Data:
     if cfg.train_ann:
         paths = {"train_ann": cfg.train_ann, "train_images": cfg.train_images,
                  "val_ann": cfg.val_ann, "val_images": cfg.val_images}
+        if cfg.test_ann:
+            paths.update(test_ann=cfg.test_ann, test_images=cfg.test_images)
     else:
         paths = ensure_mini_benchmark(cfg.data_dir)
     size = cfg.detector.image_size
     train = CocoDetection(paths["train_ann"], paths["train_images"], train_transforms(size))
     val = CocoDetection(paths["val_ann"], paths["val_images"], eval_transforms(size))
-    if train.category_ids != val.category_ids:
-        raise UserError(f"{paths['val_ann']}: categories differ from those of {paths['train_ann']}")
+    test = CocoDetection(paths["test_ann"], paths["test_images"], eval_transforms(size)) if "test_ann" in paths else None
+    for held_out in (split for split in (val, test) if split is not None):
+        if train.category_ids != held_out.category_ids:
+            raise UserError(f"{held_out.ann_file}: categories differ from those of {paths['train_ann']}")
     if len(train) == 0:
         raise UserError(f"{paths['train_ann']}: has no images")
-    return Data(train, val, paths)
+    return Data(train, val, paths, test)
+
+
+def state_fingerprint(module: nn.Module) -> int:
+    """CRC-32 of a module's state: two runs that print the same number started from the same weights."""
+    crc = 0
+    for name, tensor in module.state_dict().items():
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
+    return crc
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,15 +275,19 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
         teacher, distiller = build_distillation(cfg, data.train.num_classes)
     torch.manual_seed(cfg.seed)
     detector = build_detector(detector_cfg)
+    pairing = {"pairing/student_init": state_fingerprint(detector)}
     model = StudentWithDistiller(detector, distiller).to(device)
     if teacher is not None:
         teacher = teacher.to(device)
     optimizer = build_optimizer(cfg, model)
 
     world = dist_utils.world_size()
-    sampler = torch.utils.data.DistributedSampler(data.train, num_replicas=world, rank=dist_utils.rank(),
-                                                  shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler,
+    sampler = EpochTaggedSampler(torch.utils.data.DistributedSampler(
+        data.train, num_replicas=world, rank=dist_utils.rank(), shuffle=True, seed=cfg.seed, drop_last=True),
+        len(data.train))
+    sampler.set_epoch(0)
+    pairing["pairing/data_order"] = zlib.crc32(json.dumps(list(sampler)).encode())
+    loader = torch.utils.data.DataLoader(SeededAugmentation(data.train, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
                                          collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
                                          persistent_workers=cfg.num_workers > 0)
     iters_per_epoch = min(len(loader), cfg.max_iters or len(loader))
@@ -328,7 +356,7 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
             bar.set_postfix(loss=f"{total.item():.3f}")
         bar.close()
         metrics = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                   "time/train_s": time.perf_counter() - started}
+                   "time/train_s": time.perf_counter() - started, **pairing}
         metrics.update(dist_utils.mean_over_ranks({k: v / seen for k, v in sums.items()}, device))
         if distiller is not None and hasattr(distiller, "extra_metrics"):
             metrics.update(distiller.extra_metrics())
@@ -340,6 +368,9 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
             metrics["time/eval_s"] = time.perf_counter() - started
             if main_rank:
                 atomic_write_json(out / "predictions.json", predictions)
+        if last_epoch and data.test is not None:  # held out: never seen by selection or early stopping
+            figures, _ = evaluate_detector(model.detector, data.test, device, cfg.batch_size)
+            metrics.update({f"test/{k}": v for k, v in figures.items()})
         history.append(metrics)
         written = None
         if main_rank:

@@ -1,8 +1,14 @@
 """Ablation runs: every row of a grid (a method and its switches) times every seed, through the same
-trial machinery as the sweep (Ray Tune grid search; no Optuna, no early stopping).
+trial machinery as the sweep (Ray Tune grid search; no early stopping), beside the teacher and the
+undistilled student (the reference row, trained once per seed and cached).
 
-    python -m orchestrator.ablate                                  # search_spaces/ablation.yaml
+    python -m orchestrator.ablate                                  # search_spaces/ablation.yaml, 3 seeds
+    python -m orchestrator.ablate --tune 8                         # first tune every row: 8 Optuna trials each
     python -m orchestrator.ablate --seeds 3 --from-sweep experiments/default
+
+With ``--tune N`` (or a ``tune:`` block in the grid) every row with searchable parameters first gets
+the same Optuna search over its method's own parameters (N trials, the same epochs, the published
+default first, selected on the validation split); the seeds then run at each row's best.
 
 Re-running with the same --name continues an interrupted ablation. The report
 (``python -m orchestrator.report``) is written at the end.
@@ -16,30 +22,99 @@ import os
 import sys
 from pathlib import Path
 
-from dmkd.distillers import METHODS, method_parameters
+from dmkd.config import from_dict
+from dmkd.distillers import METHODS, SEARCH_SPACES, method_parameters
 from dmkd.errors import UserError, run_command
-from dmkd.io import atomic_write_json
+from dmkd.io import atomic_write_json, read_json
 from dmkd.provenance import provenance
 from dmkd.train import parse_assignment
-from orchestrator.space import DEFAULT_SPACE, TRAIN_KEYS, describe, load_space, read_yaml
+from orchestrator.reference import REFERENCE_ROW, ensure_references, reference_cache
+from orchestrator.space import (DEFAULT_SPACE, SCHEDULERS, TRAIN_KEYS, Objective, Param, check_pair, check_values,
+                                describe, load_space, paper_default_point, read_yaml)
 from orchestrator.sweep import WANDB_MODES, resolve_storage, resolve_wandb_mode
 
 DEFAULT_GRID = DEFAULT_SPACE.parent / "ablation.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
+class TuneBlock:
+    """The grid's ``tune:`` block: every row with searchable parameters gets the same Optuna search
+    (``trials`` trials of ``epochs`` epochs, selected on the validation split) before its seeds run."""
+
+    trials: int = 0  # 0: no tuning, the rows' parameters as written
+    epochs: int | None = None  # default: the base space's budget.epochs
+    scheduler: str = "none"  # none: every tuning trial runs all its epochs; asha: stops weak ones
+
+
+@dataclasses.dataclass(frozen=True)
 class Grid:
     name: str
     space: object  # the base SweepSpace (pair, data, fixed, budget, resources, wandb)
-    rows: dict  # row name -> {"method": str, "params": dict}
+    rows: dict  # row name -> {"method": str, "params": dict}; "none" (the reference) is always there
     seeds: list
+    tune: TuneBlock = TuneBlock()
+
+
+def _rows(data: dict, space, path: Path) -> dict:
+    rows = data.get("rows")
+    if not isinstance(rows, dict) or not rows:
+        raise UserError(f"{path}: rows: must map row names to {{method: ..., params: {{...}}}}")
+    checked = {}
+    for name, row in rows.items():
+        where = f"rows.{name}"
+        if not isinstance(row, dict) or "method" not in row:
+            raise UserError(f"{path}: {where}: needs a 'method'")
+        if set(row) - {"method", "params", "tune"}:
+            raise UserError(f"{path}: {where}: unknown key {sorted(set(row) - {'method', 'params', 'tune'})[0]!r}; "
+                            f"allowed: method, params, tune")
+        if not isinstance(row.get("tune", True), bool):
+            raise UserError(f"{path}: {where}.tune: must be true or false, but got {row['tune']!r}")
+        if row["method"] not in METHODS:
+            raise UserError(f"{path}: {where}.method: unknown method {row['method']!r}; allowed: {', '.join(METHODS)}")
+        params = row.get("params") or {}
+        if not isinstance(params, dict):
+            raise UserError(f"{path}: {where}.params: must map parameter names to values, but got {params!r}")
+        accepted = method_parameters(row["method"])
+        for key in params:
+            if key in TRAIN_KEYS:
+                raise UserError(f"{path}: {where}.params.{key}: a training setting, not a parameter of the method: "
+                                f"set it for every row under 'set:' (fixed.{key}), so that all rows train alike")
+            if key not in accepted:
+                raise UserError(f"{path}: {where}.params.{key}: not a parameter of method {row['method']!r}; "
+                                f"allowed: {', '.join(accepted) or 'none'}")
+        check_values(space, row["method"], params, path, f"{where}.params")
+        checked[str(name)] = {"method": row["method"], "params": dict(params), "tune": row.get("tune", True)}
+    references = [name for name, row in checked.items() if row["method"] == "none"]
+    if len(references) > 1:
+        raise UserError(f"{path}: rows.{references[1]}: only one row may use method 'none' (the reference row)")
+    reference = {references[0] if references else "none": {**REFERENCE_ROW, "tune": False}}
+    return {**reference, **{name: row for name, row in checked.items() if row["method"] != "none"}}
+
+
+def _tune_block(data, path: Path, trials: int | None, space) -> TuneBlock:
+    try:
+        block = from_dict(TuneBlock, data or {}, where="tune")
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    if trials is not None:
+        block = dataclasses.replace(block, trials=trials)
+    if block.trials < 0:
+        raise UserError(f"{path}: tune.trials: must be 0 (no tuning) or more, but got {block.trials}")
+    if block.epochs is not None and block.epochs < 1:
+        raise UserError(f"{path}: tune.epochs: must be at least 1, but got {block.epochs}")
+    if block.scheduler not in SCHEDULERS:
+        raise UserError(f"{path}: tune.scheduler: must be one of {', '.join(SCHEDULERS)}, but got {block.scheduler!r}")
+    epochs = block.epochs or space.budget.epochs
+    if block.scheduler == "asha" and epochs <= space.scheduler.grace_period:
+        raise UserError(f"{path}: tune.scheduler: asha needs more than {space.scheduler.grace_period} epochs, but tune.epochs is {epochs}")
+    return dataclasses.replace(block, epochs=epochs)
 
 
 def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_sweep: str | None = None,
-              overrides: list = ()) -> Grid:
+              overrides: list = (), tune_trials: int | None = None) -> Grid:
     path = Path(path) if path else DEFAULT_GRID
     data = read_yaml(path, "ablation grid")
-    allowed = {"name", "base", "set", "seeds", "rows"}
+    allowed = {"name", "base", "set", "seeds", "rows", "tune"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
@@ -47,42 +122,73 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     sets = data.get("set") or {}
     if not isinstance(sets, dict):
         raise UserError(f"{path}: set: must map dotted keys to values")
+    # rows run every epoch (no early stopping): a table compares finished trials only
     space_overrides = [*sets.items(), *overrides, ("scheduler.type", "none"), ("search", {})]
     space = load_space(base, space_overrides)
     if from_sweep:
         best_file = Path(from_sweep) / "best.json"
         if not best_file.is_file():
             raise UserError(f"--from-sweep: {best_file}: not found (has that sweep finished?)")
-        best = json.loads(best_file.read_text())
+        best = read_json(best_file, "best.json")
+        if not (isinstance(best, dict) and all(isinstance(best.get(k, {}), dict) for k in ("train", "distill"))):
+            raise UserError(f"{Path(from_sweep) / 'best.json'}: not a sweep's best.json (no 'train' and 'distill' mappings)")
         fixed = {**space.fixed, **best.get("train", {}), **best.get("distill", {})}
         space = dataclasses.replace(space, fixed=fixed)
-    rows = data.get("rows")
-    if not isinstance(rows, dict) or not rows:
-        raise UserError(f"{path}: rows: must map row names to {{method: ..., params: {{...}}}}")
-    checked = {}
-    for name, row in rows.items():
-        where = f"{path}: rows.{name}"
-        if not isinstance(row, dict) or "method" not in row:
-            raise UserError(f"{where}: needs a 'method'")
-        if set(row) - {"method", "params"}:
-            raise UserError(f"{where}: unknown key {sorted(set(row) - {'method', 'params'})[0]!r}; allowed: method, params")
-        if row["method"] not in METHODS:
-            raise UserError(f"{where}.method: unknown method {row['method']!r}; allowed: {', '.join(METHODS)}")
-        params = row.get("params") or {}
-        accepted = [*method_parameters(row["method"]), *TRAIN_KEYS]
-        for key in params:
-            if key not in accepted:
-                raise UserError(f"{where}.params.{key}: not a parameter of method {row['method']!r}; "
-                                f"allowed: {', '.join(accepted)}")
-        checked[str(name)] = {"method": row["method"], "params": dict(params)}
+    rows = _rows(data, space, path)
+    tune = _tune_block(data.get("tune"), path, tune_trials, space)
     count = seeds if seeds is not None else data.get("seeds", 3)
-    if not isinstance(count, int) or count < 1:
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise UserError(f"{path}: seeds: must be a positive integer, but got {count!r}")
-    needs_teacher = any(row["method"] != "none" for row in checked.values())
+    needs_teacher = any(row["method"] != "none" for row in rows.values())
     if needs_teacher and not (space.pair.teacher_checkpoint or space.pair.train_teacher):
         raise UserError(f"{base}: pair.teacher_checkpoint: set a checkpoint path, or train_teacher: true")
-    return Grid(name=str(data.get("name", "ablation")), space=space, rows=checked,
-                seeds=[space.seed + i for i in range(count)])
+    if needs_teacher:
+        check_pair(space, base)
+    return Grid(name=str(data.get("name", "ablation")), space=space, rows=rows,
+                seeds=[space.seed + i for i in range(count)], tune=tune)
+
+
+def row_space(grid: Grid, row: dict):
+    """The sweep that tunes one row: the method's declared search space (``SEARCH_SPACES``), the row's
+    own parameters as fixed values and first point, the grid's tuning budget, selected on val/AP."""
+    space = grid.space
+    search = {name: from_dict(Param, spec, where=f"search.{name}") for name, spec in SEARCH_SPACES[row["method"]].items()}
+    return dataclasses.replace(
+        space, method=row["method"], fixed={**space.fixed, **row["params"]}, search=search,
+        num_samples=grid.tune.trials, budget=dataclasses.replace(space.budget, epochs=grid.tune.epochs),
+        scheduler=dataclasses.replace(space.scheduler, type=grid.tune.scheduler), objective=Objective())
+
+
+def tune_rows(grid: Grid, setup: dict, *, storage: str, name: str, wandb_mode: str) -> tuple[dict, dict]:
+    """Tune every row with searchable parameters, one Optuna study each with the same budget; returns
+    the rows with their chosen parameters, and what each tuning run searched, ran and chose."""
+    from orchestrator.results import trial_rows, write_results
+    from orchestrator.runner import build_tuner
+
+    if grid.tune.trials == 0:
+        return grid.rows, {}
+    rows, tuning = {}, {}
+    folder = f"{storage.rstrip('/')}/{name}/tune"
+    for row_name, row in grid.rows.items():
+        if not (SEARCH_SPACES[row["method"]] and row["tune"]):
+            note = "nothing to tune" if not SEARCH_SPACES[row["method"]] else "not tuned (tune: false)"
+            rows[row_name], tuning[row_name] = row, {"trials": 0, "epochs": 0, "searched": {}, "chosen": {}, "note": note}
+            continue
+        space = row_space(grid, row)
+        print(f"tune: {row_name} ({row['method']}): {space.num_samples} trials x {space.budget.epochs} epochs, "
+              f"searching {', '.join(space.search)}", flush=True)
+        row_setup = {**setup, "train_storage": f"{folder}/{row_name}/train"}
+        result_grid = build_tuner(space, row_name, folder, row_setup, wandb_mode, resume=False, job_type="tune").fit()
+        results = trial_rows(result_grid, space)
+        best = write_results(results, Path(folder) / row_name, space)
+        chosen = {k.split("/", 1)[1]: v for k, v in (best or {}).items() if k.startswith("param/") and v is not None}
+        rows[row_name] = {**row, "params": {**row["params"], **chosen}}
+        tuning[row_name] = {"trials": len(results), "epochs": space.budget.epochs, "scheduler": space.scheduler.type,
+                            "searched": {k: dataclasses.asdict(v) for k, v in space.search.items()},
+                            "first_point": paper_default_point(space), "chosen": chosen,
+                            "val_AP": best[space.objective.metric] if best else None,
+                            "finished": sum(r["status"] != "failed" for r in results)}
+    return rows, tuning
 
 
 def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, address: str | None, record: dict) -> dict:
@@ -91,7 +197,7 @@ def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, addres
     from orchestrator import runner
     from orchestrator.report import write_report
     from orchestrator.teacher import ensure_teacher, evaluate_teacher
-    from orchestrator.trial import run_trial
+    from orchestrator.trial import run_trial, trial_dirname
 
     space = grid.space
     experiment = Path(storage) / name
@@ -101,39 +207,45 @@ def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, addres
     runner.start_ray(address, space, env_vars)
     try:
         teacher = None
+        experiment.mkdir(parents=True, exist_ok=True)
         if any(row["method"] != "none" for row in grid.rows.values()):
             teacher = ensure_teacher(space, paths, runner.teacher_cache(storage))
-            experiment.mkdir(parents=True, exist_ok=True)
             if not (experiment / "teacher.json").is_file():
                 atomic_write_json(experiment / "teacher.json", evaluate_teacher(space, paths, teacher))
         setup = {"teacher_checkpoint": teacher, "data_paths": paths,
                  "train_storage": f"{storage.rstrip('/')}/{name}/train", "env_vars": env_vars}
-        trainable = tune.with_parameters(run_trial, space=space, setup=setup, rows=grid.rows)
-        path = f"{storage.rstrip('/')}/{name}"
-        if tune.Tuner.can_restore(path):
-            print(f"ablation: continuing {path}", flush=True)
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"row": tune.grid_search(list(grid.rows)), "seed": tune.grid_search(grid.seeds)},
-                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent,
-                                            trial_dirname_creator=runner.trial_dirname),
-                run_config=tune.RunConfig(name=name, storage_path=storage,
-                                          callbacks=runner.wandb_callback(space, experiment, wandb_mode,
-                                                                          job_type="ablation", rows=grid.rows),
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1))
-        atomic_write_json(experiment / "ablation.json", {**record, "teacher_checkpoint": teacher, "data": paths})
-        result_grid = tuner.fit()
+        runner.write_reference(experiment, ensure_references(space, grid.seeds, setup, reference_cache(storage)))
+        rows, tuning = tune_rows(grid, setup, storage=storage, name=name, wandb_mode=wandb_mode)
+        distilled = {row_name: row for row_name, row in rows.items() if row["method"] != "none"}
+        atomic_write_json(experiment / "ablation.json", {**record, "rows": rows, "tuning": tuning,
+                                                         "teacher_checkpoint": teacher, "data": paths})
+        failed, trials = 0, 0
+        if distilled:
+            trainable = tune.with_parameters(run_trial, space=space, setup=setup, rows=distilled)
+            path = f"{storage.rstrip('/')}/{name}"
+            if tune.Tuner.can_restore(path):
+                print(f"ablation: continuing {path}", flush=True)
+                tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space={"row": tune.grid_search(list(distilled)), "seed": tune.grid_search(grid.seeds)},
+                    tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent,
+                                                trial_dirname_creator=trial_dirname),
+                    run_config=tune.RunConfig(name=name, storage_path=storage,
+                                              callbacks=runner.wandb_callback(space, experiment, wandb_mode,
+                                                                              job_type="ablation", rows=distilled),
+                                              failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+            result_grid = tuner.fit()
+            failed, trials = sum(1 for result in result_grid if result.error is not None), len(result_grid)
     finally:
         if address is None:
             import ray
 
             ray.shutdown()
-    failed = sum(1 for result in result_grid if result.error is not None)
     report = write_report(experiment)
     print(f"report: {report}")
-    return {"trials": len(result_grid), "failed": failed}
+    return {"trials": trials, "failed": failed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", help="ablation grid YAML (default: search_spaces/ablation.yaml)")
     parser.add_argument("--seeds", type=int, help="seeds per row (default: the grid's)")
+    parser.add_argument("--tune", type=int, metavar="N", help="tune every row first with N Optuna trials (default: "
+                                                              "the grid's tune.trials; 0: no tuning)")
     parser.add_argument("--name", help="experiment name (default: the grid's name)")
     parser.add_argument("--storage", default="experiments")
     parser.add_argument("--from-sweep", help="a finished sweep's folder: its best parameters become the base")
@@ -152,13 +266,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         overrides = [parse_assignment(item, "--set") for item in args.set]
-        grid = load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides)
+        grid = load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides,
+                         tune_trials=args.tune)
         name = args.name or grid.name
         storage = resolve_storage(args.storage)
         wandb_mode = resolve_wandb_mode(args.wandb)
+        tuned = [row for row in grid.rows.values() if grid.tune.trials and SEARCH_SPACES[row["method"]] and row["tune"]]
         plan = {"name": name, "experiment": f"{storage.rstrip('/')}/{name}", "pair": grid.space.pair_name,
                 "rows": grid.rows, "seeds": grid.seeds, "trials": len(grid.rows) * len(grid.seeds),
-                "epochs_per_trial": grid.space.budget.epochs, "wandb": wandb_mode}
+                "epochs_per_trial": grid.space.budget.epochs, "tune": dataclasses.asdict(grid.tune),
+                "tuning_trials": len(tuned) * grid.tune.trials, "wandb": wandb_mode}
         if args.dry_run:
             print(json.dumps(plan, indent=2))
             return 0

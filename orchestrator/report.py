@@ -25,16 +25,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dmkd.errors import UserError, one_line  # noqa: E402
-from dmkd.io import atomic_write, atomic_write_json  # noqa: E402
+from dmkd.io import atomic_write, atomic_write_json, read_json  # noqa: E402
 
 FIGURES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-# two-sided 95 % Student-t quantiles for 1..30 degrees of freedom; 1.96 beyond
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+SIGNIFICANCE = 0.05  # a paired difference with p >= this is marked "n.s."
 
 
 def summarize(values: list[float]) -> dict:
     """Mean, sample standard deviation and the 95 % confidence half-width (Student t) of ``values``."""
+    from scipy import stats
+
     n = len(values)
     if n == 0:
         return {"n": 0, "mean": None, "std": None, "ci95": None}
@@ -42,8 +42,27 @@ def summarize(values: list[float]) -> dict:
     if n == 1:
         return {"n": 1, "mean": mean, "std": None, "ci95": None}
     std = statistics.stdev(values)
-    t = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
-    return {"n": n, "mean": mean, "std": std, "ci95": t * std / math.sqrt(n)}
+    return {"n": n, "mean": mean, "std": std, "ci95": float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)}
+
+
+def paired_difference(values: dict, baseline: dict) -> dict:
+    """``values - baseline`` paired by seed (the seeds both have): the mean difference, its 95 % CI
+    half-width and the two-sided p-value of the paired t-test (Student t, n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    seeds = sorted(set(values) & set(baseline))
+    differences = [values[seed] - baseline[seed] for seed in seeds]
+    found = {**summarize(differences), "seeds": seeds, "p": None, "significant": None}
+    n = found["n"]
+    if n < 2:
+        return found
+    if found["std"] == 0:  # every seed moved by exactly the same amount
+        found["p"] = 0.0 if found["mean"] != 0 else 1.0
+    else:
+        t = found["mean"] / (found["std"] / math.sqrt(n))
+        found["p"] = float(2 * stats.t.sf(abs(t), n - 1))
+    found["significant"] = found["p"] < SIGNIFICANCE
+    return found
 
 
 def read_trials(experiment: Path) -> list[dict]:
@@ -72,30 +91,80 @@ def _figure(history: list[dict], name: str):
     return None
 
 
-def ablation_table(trials: list[dict], rows: dict, budget: int) -> list[dict]:
+def reference_trials(experiment: Path, row_name: str) -> list[dict]:
+    """The reference row (the undistilled student, one per seed) in the shape of Tune's trials."""
+    path = experiment / "reference.json"
+    if not path.is_file():
+        return []
+    stored = read_json(path, "reference results")
+    return [{"trial_id": f"reference-seed{seed}", "folder": None, "config": {"row": row_name, "seed": int(seed)},
+             "history": found["history"], "error": None} for seed, found in stored.items()]
+
+
+def _final(history: list[dict], budget: int) -> dict | None:
+    return history[-1] if history and history[-1].get("epoch") == budget else None
+
+
+def reporting_split(trials: list[dict]) -> str:
+    """``test`` when the trials evaluated a held-out test split, else ``val``."""
+    return "test" if any("test/AP" in t["history"][-1] for t in trials if t["history"]) else "val"
+
+
+def ablation_table(trials: list[dict], rows: dict, budget: int, tuning: dict | None = None) -> list[dict]:
+    """One entry per row: figures on the reporting split per seed and summarised, the validation AP,
+    and Δ AP paired by seed against the reference (``none``) row and against the best baseline (the
+    non-DMKD distiller with the highest mean validation AP)."""
+    split = reporting_split(trials)
     table = []
-    baseline = None
     for row_name, row in rows.items():
         members = [t for t in trials if t["config"].get("row") == row_name]
-        done = [t for t in members if t["error"] is None and t["history"] and t["history"][-1].get("epoch") == budget]
+        finals = {t["config"].get("seed"): _final(t["history"], budget) for t in members if t["error"] is None}
+        finals = {seed: final for seed, final in finals.items() if final is not None}
         failed = [t for t in members if t["error"] is not None]
-        entry = {"row": row_name, "method": row["method"], "params": row.get("params", {}),
-                 "seeds": sorted(t["config"].get("seed") for t in done), "failed": len(failed),
-                 "failures": [f"seed {t['config'].get('seed')}: {t['error']}" for t in failed]}
+        entry = {"row": row_name, "method": row["method"], "params": row.get("params", {}), "split": split,
+                 "seeds": sorted(finals), "failed": len(failed), "tuning": (tuning or {}).get(row_name),
+                 "failures": [f"seed {t['config'].get('seed')}: {t['error']}" for t in failed],
+                 "per_seed": {seed: final.get(f"{split}/AP") for seed, final in sorted(finals.items())},
+                 "val_AP": summarize([f["val/AP"] for f in finals.values() if "val/AP" in f]),
+                 "student_init": sorted({f.get("pairing/student_init") for f in finals.values()} - {None})}
         for name in FIGURES:
-            entry[name] = summarize([_figure(t["history"], name) for t in done if _figure(t["history"], name) is not None])
+            entry[name] = summarize([f[f"{split}/{name}"] for f in finals.values() if f"{split}/{name}" in f])
         table.append(entry)
-        if row["method"] == "none":
-            baseline = entry["AP"]["mean"]
+    reference = next((e for e in table if e["method"] == "none"), None)
+    baselines = [e for e in table if e["method"] != "none" and not e["method"].startswith("dmkd") and e["val_AP"]["mean"] is not None]
+    best_baseline = max(baselines, key=lambda e: e["val_AP"]["mean"], default=None)
     for entry in table:
-        mean = entry["AP"]["mean"]
-        entry["delta_AP"] = None if (baseline is None or mean is None) else mean - baseline
+        entry["best_baseline"] = best_baseline["row"] if best_baseline else None
+        entry["delta_AP"] = (paired_difference(entry["per_seed"], reference["per_seed"])
+                             if reference is not None and entry is not reference else None)
+        entry["delta_best_baseline"] = (paired_difference(entry["per_seed"], best_baseline["per_seed"])
+                                        if best_baseline is not None and entry["method"] != "none" and entry is not best_baseline
+                                        else None)
     return table
+
+
+def pairing_check(trials: list[dict]) -> str:
+    """One line: whether every row of a seed started from the same student weights and data order."""
+    by_seed: dict = {}
+    for t in trials:
+        if t["history"] and "pairing/student_init" in t["history"][0]:
+            first = t["history"][0]
+            by_seed.setdefault(t["config"].get("seed"), set()).add((first["pairing/student_init"], first.get("pairing/data_order")))
+    if not by_seed:
+        return "Pairing: not recorded by these trials."
+    broken = sorted(seed for seed, found in by_seed.items() if len(found) > 1)
+    if broken:
+        return (f"Pairing: **broken** for seed(s) {broken}: rows of one seed started from different student weights "
+                f"or data orders, so the paired differences below are not paired.")
+    return (f"Pairing: every row of a seed started from the same student weights and saw the same data order "
+            f"(checked for seeds {sorted(by_seed)}).")
 
 
 def _fmt(summary: dict) -> str:
     if summary["mean"] is None:
         return "-"
+    if summary["mean"] < 0:  # COCOeval's -1: no ground truth of that size
+        return "n/a"
     text = f"{summary['mean']:.3f}"
     if summary["std"] is not None:
         text += f" ± {summary['std']:.3f}"
@@ -202,11 +271,13 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
     kind = "ablation" if (experiment / "ablation.json").is_file() else "sweep" if (experiment / "sweep.json").is_file() else None
     if kind is None:
         raise UserError(f"{experiment}: holds neither ablation.json nor sweep.json (not an experiment folder?)")
-    record = json.loads((experiment / f"{kind}.json").read_text())
+    record = read_json(experiment / f"{kind}.json", f"{kind} record")
+    if not (isinstance(record, dict) and isinstance(record.get("space"), dict) and "budget" in record["space"]):
+        raise UserError(f"{experiment / f'{kind}.json'}: not a {kind} record (no 'space' with a 'budget')")
     space = record["space"]
     budget = space["budget"]["epochs"]
     trials = read_trials(experiment)
-    teacher = json.loads((experiment / "teacher.json").read_text()) if (experiment / "teacher.json").is_file() else None
+    teacher = read_json(experiment / "teacher.json", "teacher figures") if (experiment / "teacher.json").is_file() else None
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"kind": kind, "experiment": str(experiment), "pair": space["pair_name"], "trials": len(trials)}
     lines = [f"# {kind.title()} report: {experiment.name}", "", f"Pair: `{space['pair_name']}`; {len(trials)} trials; "
@@ -214,26 +285,18 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
     plots = []
 
     if kind == "ablation":
-        table = ablation_table(trials, record["rows"], budget)
+        rows = record["rows"]
+        reference_row = next((name for name, row in rows.items() if row["method"] == "none"), None)
+        trials = trials + (reference_trials(experiment, reference_row) if reference_row else [])
+        table = ablation_table(trials, rows, budget, record.get("tuning"))
         report["table"] = table
-        baseline = next((e["AP"]["mean"] for e in table if e["method"] == "none"), None)
+        report["pairing"] = pairing_check(trials)
+        split = reporting_split(trials)
+        reference = next((e for e in table if e["method"] == "none"), None)
+        baseline = reference["AP"]["mean"] if reference else None
         distilled = [e["AP"]["mean"] for e in table if e["method"] != "none" and e["AP"]["mean"] is not None]
         best_distilled = max(distilled) if distilled else None
-        lines += ["## Results (mean ± std over seeds; 95 % CI of AP)", "",
-                  "| row | method | AP | 95 % CI | Δ AP | AP50 | AP75 | APs | APm | APl | seeds | failed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        if teacher:
-            lines.append(f"| teacher | - | {teacher['val/AP']:.3f} | - | - | {teacher['val/AP50']:.3f} | "
-                         f"{teacher['val/AP75']:.3f} | {teacher['val/APs']:.3f} | {teacher['val/APm']:.3f} | "
-                         f"{teacher['val/APl']:.3f} | - | - |")
-        for e in table:
-            ci = f"± {e['AP']['ci95']:.3f}" if e["AP"]["ci95"] is not None else "-"
-            delta = f"{e['delta_AP']:+.3f}" if e["delta_AP"] is not None else "-"
-            lines.append(f"| {e['row']} | {e['method']} | {_fmt(e['AP'])} | {ci} | {delta} | "
-                         + " | ".join(_fmt(e[f]) for f in FIGURES[1:]) + f" | {e['AP']['n']} | {e['failed']} |")
-        failures = [f"- {e['row']}, {msg}" for e in table for msg in e["failures"]]
-        if failures:
-            lines += ["", "Failed trials:", *failures]
+        lines += ablation_markdown(table, teacher, split, report["pairing"], record.get("tuning") or {})
         groups = {e["row"]: [t["history"] for t in trials if t["config"].get("row") == e["row"] and t["error"] is None]
                   for e in table}
         _plot_epochs(groups, out / "ap_per_epoch.png")
@@ -248,19 +311,28 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
                          **{f: _figure(t["history"], f) for f in FIGURES}, "epochs": last.get("epoch", 0),
                          "status": status, "error": t["error"] or ""})
         rows.sort(key=lambda r: (r["AP"] is None, -(r["AP"] or 0)))
+        references = reference_trials(experiment, "none")
+        baseline = _figure(references[0]["history"], "AP") if references else None
+        for r in rows:
+            r["delta_AP"] = r["AP"] - baseline if r["AP"] is not None and baseline is not None else None
         report["leaderboard"] = rows
-        lines += ["## Leaderboard", "", "| trial | " + " | ".join(params) + " | AP | AP50 | AP75 | epochs | status |",
-                  "|---|" + "---|" * (len(params) + 5)]
+        report["reference_AP"] = baseline
+        lines += ["## Leaderboard (val split)", "",
+                  f"Student without distillation (same budget and seed): val AP {_num(baseline)}; Δ AP is each trial's "
+                  f"difference to it (one seed: no confidence interval; the ablation runner gives paired statistics).", "",
+                  "| trial | " + " | ".join(params) + " | AP | Δ AP | AP50 | AP75 | epochs | status |",
+                  "|---|" + "---|" * (len(params) + 6)]
         for r in rows:
             cells = [f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p]) for p in params]
-            figures = [f"{r[f]:.3f}" if r[f] is not None else "-" for f in ("AP", "AP50", "AP75")]
+            delta = f"{r['delta_AP']:+.3f}" if r["delta_AP"] is not None else "-"
+            figures = [_num(r["AP"]), delta, _num(r["AP50"]), _num(r["AP75"])]
             lines.append(f"| {r['trial_id']} | " + " | ".join(cells + figures) + f" | {r['epochs']} | {r['status']} |")
         importances = _importances(experiment, space)
         report["importances"] = importances
         if importances:
             lines += ["", "## Parameter importances (Optuna, fANOVA)", "", "| parameter | importance |", "|---|---|",
                       *[f"| {k} | {v:.3f} |" for k, v in importances.items()]]
-        baseline, best_distilled = None, rows[0]["AP"] if rows else None
+        best_distilled = rows[0]["AP"] if rows else None
         _plot_epochs({t["trial_id"]: [t["history"]] for t in trials if t["history"]}, out / "ap_per_epoch.png")
         _plot_scatter(trials, params, out / "param_scatter.png")
         plots += ["ap_per_epoch.png", "param_scatter.png"]
@@ -273,7 +345,8 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
 
     pair = pair_comparison(space, teacher, baseline, best_distilled)
     report["pair"] = pair
-    lines += ["", "## Teacher and student", "", "| | params (M) | GFLOPs (1 image) | CPU latency (ms, batch 1) | AP |",
+    split = reporting_split(trials) if kind == "ablation" else "val"
+    lines += ["", "## Teacher and student", "", f"| | params (M) | GFLOPs (1 image) | CPU latency (ms, batch 1) | {split} AP |",
               "|---|---|---|---|---|",
               f"| teacher | {pair['teacher']['params_M']:.2f} | {pair['teacher']['gflops']:.2f} | "
               f"{pair['teacher']['latency_ms_cpu']:.1f} | {_num(pair['teacher']['AP'])} |",
@@ -288,7 +361,75 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
     return out / "report.md"
 
 
+def _delta(found: dict | None) -> str:
+    """``+0.012 ± 0.008, p=0.03`` (paired over seeds; 95 % CI half-width); ``n.s.`` when p >= 0.05."""
+    if not found or found["mean"] is None:
+        return "-"
+    text = f"{found['mean']:+.3f}"
+    if found["ci95"] is not None:
+        text += f" ± {found['ci95']:.3f}, p={found['p']:.2g}" + ("" if found["significant"] else " (n.s.)")
+    return text
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def _tuning_cell(tuning: dict | None) -> str:
+    if not tuning:
+        return "not tuned"
+    if not tuning["trials"]:
+        return tuning.get("note", "nothing to tune")
+    return f"{tuning['trials']} trials x {tuning['epochs']} ep"
+
+
+def ablation_markdown(table: list[dict], teacher: dict | None, split: str, pairing: str, tuning: dict) -> list[str]:
+    """The paper-style table: figures on the reporting split, paired Δ AP with CI and p-value."""
+    seeds = max((e["AP"]["n"] for e in table), default=0)
+    best = next((e["best_baseline"] for e in table if e.get("best_baseline")), None)
+    lines = [f"## Results on the {split} split (mean ± std over seeds)", ""]
+    if split == "val":
+        lines += ["Note: this data has no test split, so tuning selected on the same split this table reports "
+                  "(optimistic); give `data.test_ann`/`test_images` or carve one with `python -m dmkd.split`.", ""]
+    else:
+        lines += ["Selection (tuning, best trial) used the val split only; the figures below are on the held-out "
+                  "test split, with val AP beside them for reference.", ""]
+    lines += [f"Δ AP is the difference to the row named, paired by seed over {seeds} seed(s): mean ± 95 % CI "
+              f"half-width (Student t) and the two-sided p-value of a paired t-test; (n.s.) marks p >= {SIGNIFICANCE}. "
+              f"Best baseline (highest val AP among non-DMKD distillers): {best or '-'}.", "", pairing, "",
+              f"| row | method | {split} AP | 95 % CI | Δ AP vs none | Δ AP vs best baseline | val AP | AP50 | AP75 | "
+              f"APs | APm | APl | seeds | tuning | parameters | failed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if teacher:
+        prefix = split if f"{split}/AP" in teacher else "val"
+        lines.append(f"| teacher | - | {_num(teacher.get(f'{prefix}/AP'))} | - | - | - | {_num(teacher.get('val/AP'))} | "
+                     + " | ".join(_num(teacher.get(f"{prefix}/{f}")) for f in FIGURES[1:]) + " | - | - | - | - |")
+    for e in table:
+        ci = f"± {e['AP']['ci95']:.3f}" if e["AP"]["ci95"] is not None else "-"
+        lines.append(f"| {e['row']} | {e['method']} | {_fmt(e['AP'])} | {ci} | {_delta(e['delta_AP'])} | "
+                     f"{_delta(e['delta_best_baseline'])} | {_fmt(e['val_AP'])} | "
+                     + " | ".join(_fmt(e[f]) for f in FIGURES[1:])
+                     + f" | {e['AP']['n']} | {_tuning_cell(tuning.get(e['row']))} | {_params(e['params'])} | {e['failed']} |")
+    failures = [f"- {e['row']}, {msg}" for e in table for msg in e["failures"]]
+    if failures:
+        lines += ["", "Failed trials:", *failures]
+    if tuning:
+        lines += ["", "## Tuning (same budget per row, selected on val AP)", "",
+                  "| row | trials | epochs | scheduler | searched | first point | chosen | val AP of the chosen trial |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row, found in tuning.items():
+            if not found["trials"]:
+                continue
+            searched = ", ".join(f"{k} {v['type']} [{v['low']:.3g}, {v['high']:.3g}]" if v.get("low") is not None
+                                 else f"{k} {v['choices']}" for k, v in found["searched"].items())
+            lines.append(f"| {row} | {found['trials']} | {found['epochs']} | {found['scheduler']} | {searched} | "
+                         f"{_params(found['first_point'])} | {_params(found['chosen'])} | {_num(found['val_AP'])} |")
+    return lines
+
+
 def _num(value) -> str:
+    if isinstance(value, (int, float)) and value < 0:  # COCOeval's -1: no ground truth of that size
+        return "n/a"
     return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
 
@@ -309,11 +450,13 @@ def _write_csv(path: Path, report: dict) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     if report["kind"] == "ablation":
-        writer.writerow(["row", "method", "n", *[f"{f}_mean" for f in FIGURES], *[f"{f}_std" for f in FIGURES],
-                         "AP_ci95", "delta_AP", "failed"])
+        writer.writerow(["row", "method", "split", "n", *[f"{f}_mean" for f in FIGURES], *[f"{f}_std" for f in FIGURES],
+                         "AP_ci95", "val_AP_mean", "delta_AP", "delta_AP_ci95", "delta_AP_p", "delta_best_baseline",
+                         "delta_best_baseline_ci95", "delta_best_baseline_p", "failed"])
         for e in report["table"]:
-            writer.writerow([e["row"], e["method"], e["AP"]["n"], *[e[f]["mean"] for f in FIGURES],
-                             *[e[f]["std"] for f in FIGURES], e["AP"]["ci95"], e["delta_AP"], e["failed"]])
+            deltas = [(d or {}).get(k) for d in (e["delta_AP"], e["delta_best_baseline"]) for k in ("mean", "ci95", "p")]
+            writer.writerow([e["row"], e["method"], e["split"], e["AP"]["n"], *[e[f]["mean"] for f in FIGURES],
+                             *[e[f]["std"] for f in FIGURES], e["AP"]["ci95"], e["val_AP"]["mean"], *deltas, e["failed"]])
     else:
         rows = report["leaderboard"]
         if rows:
@@ -336,9 +479,9 @@ def _log_to_wandb(record: dict, report: dict, out: Path, plots: list[str]) -> No
                      settings=wandb.Settings(silent=True))
     try:
         if report["kind"] == "ablation":
-            columns = ["row", "method", "n", "AP", "AP_std", "AP_ci95", "delta_AP"]
-            data = [[e["row"], e["method"], e["AP"]["n"], e["AP"]["mean"], e["AP"]["std"], e["AP"]["ci95"], e["delta_AP"]]
-                    for e in report["table"]]
+            columns = ["row", "method", "split", "n", "AP", "AP_std", "AP_ci95", "delta_AP", "delta_AP_p"]
+            data = [[e["row"], e["method"], e["split"], e["AP"]["n"], e["AP"]["mean"], e["AP"]["std"], e["AP"]["ci95"],
+                     (e["delta_AP"] or {}).get("mean"), (e["delta_AP"] or {}).get("p")] for e in report["table"]]
         else:
             columns = list(report["leaderboard"][0]) if report["leaderboard"] else ["trial_id"]
             data = [list(r.values()) for r in report["leaderboard"]]

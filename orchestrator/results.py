@@ -25,9 +25,10 @@ def trial_rows(result_grid, space) -> list[dict]:
         else:
             status = "stopped early"
         trial_id = metrics.get("trial_id") or _trial_id(result)
+        objectives = [m for m in (space.objective.metric, space.objective.second_metric) if m and m not in FIGURES]
         row = {"trial": f"run_trial_{trial_id}", "trial_id": trial_id,
                **{f"param/{name}": config.get(name) for name in space.search},
-               **{name: metrics.get(name) for name in FIGURES},
+               **{name: metrics.get(name) for name in (*FIGURES, *objectives)},
                "epochs": epochs, "status": status,
                "error": _one_line(result.error) if result.error is not None else ""}
         rows.append(row)

@@ -14,11 +14,12 @@ from ray.tune.search import ConcurrencyLimiter
 from dmkd.errors import UserError
 from dmkd.io import atomic_write_json
 from dmkd.synthetic import ensure_mini_benchmark
+from orchestrator.reference import ensure_references, reference_cache
 from orchestrator.results import leaderboard, trial_rows, write_results
 from orchestrator.searcher import PruningAwareOptunaSearch
 from orchestrator.space import define_by_run, paper_default_point
 from orchestrator.teacher import ensure_teacher, evaluate_teacher
-from orchestrator.trial import ATTENTION_PNG, run_trial
+from orchestrator.trial import ATTENTION_PNG, run_trial, trial_dirname
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
 
@@ -54,11 +55,19 @@ def data_paths(space) -> dict:
     d = space.data
     if d.train_ann:
         paths = {"train_ann": d.train_ann, "train_images": d.train_images, "val_ann": d.val_ann, "val_images": d.val_images}
+        if d.test_ann:
+            paths.update(test_ann=d.test_ann, test_images=d.test_images)
         for key, value in paths.items():
             if not Path(value).exists():
                 raise UserError(f"data.{key}: {value}: not found")
         return {k: str(Path(v).resolve()) for k, v in paths.items()}
     return ensure_mini_benchmark(Path(d.mini_dir).resolve())
+
+
+def write_reference(experiment: Path, references: dict) -> None:
+    """The experiment's copy of its reference rows (the report reads only the experiment folder)."""
+    if references:
+        atomic_write_json(experiment / "reference.json", {str(seed): found for seed, found in references.items()})
 
 
 def wandb_callback(space, experiment: Path, mode: str, job_type: str = "sweep", rows: dict | None = None):
@@ -77,11 +86,6 @@ def wandb_env(mode: str, experiment: Path, storage: str) -> dict:
     if mode != "off" and "://" not in storage:
         env["WANDB_DIR"] = str(experiment)
     return env
-
-
-def trial_dirname(trial) -> str:
-    """Tune's trial folder: ``run_trial_<id>`` (Tune's default puts every parameter value in the name)."""
-    return f"run_trial_{trial.trial_id}"
 
 
 def teacher_cache(storage: str):
@@ -103,7 +107,7 @@ def start_ray(address: str | None, space, env_vars: dict) -> None:
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False)
 
 
-def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, resume: bool):
+def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, resume: bool, job_type: str = "sweep"):
     experiment = Path(storage) / name if "://" not in storage else None
     trainable = tune.with_parameters(run_trial, space=space, setup=setup)
     path = f"{storage.rstrip('/')}/{name}"
@@ -136,7 +140,8 @@ def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, re
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent),
                                     scheduler=scheduler, num_samples=space.num_samples,
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=wandb_callback(space, experiment or Path("."), wandb_mode),
+        run_config=tune.RunConfig(name=name, storage_path=storage,
+                                  callbacks=wandb_callback(space, experiment or Path("."), wandb_mode, job_type=job_type),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )
 
@@ -156,6 +161,8 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
             atomic_write_json(experiment / "sweep.json", {**record, "teacher_checkpoint": teacher, "data": paths})
             if teacher and not (experiment / "teacher.json").is_file():
                 atomic_write_json(experiment / "teacher.json", evaluate_teacher(space, paths, teacher))
+            if space.method != "none" and space.reference:
+                write_reference(experiment, ensure_references(space, [space.seed], setup, reference_cache(storage)))
         result_grid = tuner.fit()
     finally:
         if address is None:

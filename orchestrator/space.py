@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from dmkd.config import from_dict, to_dict
-from dmkd.distillers import METHODS, method_parameters
+from dmkd.distillers import METHODS, check_parameters, method_parameters
 from dmkd.errors import UserError
+from dmkd.evaluate import METRIC_NAMES
 from dmkd.models import DetectorConfig
 from dmkd.train import MINI_STUDENT, MINI_TEACHER, TrainConfig
 
@@ -23,9 +24,8 @@ SCHEDULERS = ("asha", "none")
 # TrainConfig fields a space may set or search; the rest belong to the sweep itself.
 TRAIN_KEYS = ("batch_size", "optimizer", "lr", "weight_decay", "warmup_iters", "grad_clip", "num_workers", "amp",
               "device", "eval_every")
-# What the paper / MGD use; enqueued as the first trial where the space searches these parameters.
-PAPER_DEFAULTS = {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65,
-                  "mask_mode": "topk", "masked": "important", "fusion": "learned", "lambda_mgd": 0.65}
+# What a trial reports that an objective may name; test/* is never one (selection stays off the test split).
+OBJECTIVE_METRICS = (*(f"val/{name}" for name in METRIC_NAMES), "loss/total", "loss/detector", "loss/distill")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Data:
     train_images: str | None = None
     val_ann: str | None = None
     val_images: str | None = None
+    test_ann: str | None = None  # optional held-out split: ablation tables report on it
+    test_images: str | None = None
     mini_dir: str = "data/mini"
 
 
@@ -107,6 +109,7 @@ class SweepSpace:
     max_concurrent: int = 1
     seed: int = 0
     max_failures: int = 1
+    reference: bool = True  # train the undistilled student (once per seed, cached) as the report's reference row
     resources: Resources = Resources()
     wandb: WandbSettings = WandbSettings()
 
@@ -153,6 +156,41 @@ def _allowed_names(method: str) -> list[str]:
     return [*method_parameters(method), *TRAIN_KEYS]
 
 
+def _reason(error: UserError) -> str:
+    """The message of a check made with a generic ``where`` (``distill: ...``), without that prefix."""
+    return str(error).split(": ", 1)[1] if ": " in str(error) else str(error)
+
+
+def check_values(space: "SweepSpace", method: str, values: dict, path: Path, key: str) -> None:
+    """The values a trial of ``method`` would get (training settings and the method's parameters) must
+    build: every value checked here, before Ray, a teacher or a trial starts."""
+    train, distill = dataclasses.replace(space, method=method).routed({**space.fixed, **values})
+    try:
+        check_parameters(method, distill, where="distill")
+    except UserError as error:
+        raise _fail(path, key, _reason(error)) from None
+    try:
+        space.train_config(values, method=method).validate(check_files=False)
+    except (UserError, TypeError) as error:
+        raise _fail(path, key, _reason(error) if isinstance(error, UserError) else str(error)) from None
+
+
+def check_pair(space: "SweepSpace", path: Path) -> None:
+    """Teacher and student must give FPN levels of the same names and sizes (built once, no weights)."""
+    import torch
+
+    from dmkd.models import build_detector, feature_shapes
+
+    with torch.random.fork_rng(devices=[]):  # a small image is enough: both use one image_size (checked above)
+        shapes = {role: feature_shapes(build_detector(dataclasses.replace(getattr(space.pair, role), image_size=64)), 64)
+                  for role in ("teacher", "student")}
+    levels = {role: [(k, s[1:]) for k, s in found.items()] for role, found in shapes.items()}
+    if levels["teacher"] != levels["student"]:
+        raise _fail(path, "pair", f"the teacher's FPN levels {levels['teacher']} differ from the student's "
+                                  f"{levels['student']}: distillation compares them level by level; use the same "
+                                  f"architecture family")
+
+
 def validate(space: SweepSpace, path: Path) -> SweepSpace:
     if space.method not in METHODS:
         raise _fail(path, "method", f"unknown method {space.method!r}; allowed: {', '.join(METHODS)}")
@@ -166,9 +204,14 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
         raise _fail(path, "pair.student.image_size", "must equal pair.teacher.image_size (features are compared)")
     if space.method != "none" and not (space.pair.teacher_checkpoint or space.pair.train_teacher):
         raise _fail(path, "pair.teacher_checkpoint", "set a checkpoint path, or train_teacher: true")
+    if space.pair.teacher_epochs < 1:
+        raise _fail(path, "pair.teacher_epochs", f"must be at least 1, but got {space.pair.teacher_epochs}")
     data = [space.data.train_ann, space.data.train_images, space.data.val_ann, space.data.val_images]
     if any(data) and not all(data):
         raise _fail(path, "data", "give all of train_ann, train_images, val_ann and val_images, or none (mini-benchmark)")
+    if bool(space.data.test_ann) != bool(space.data.test_images) or (space.data.test_ann and not all(data)):
+        raise _fail(path, "data.test_ann", "give test_ann and test_images together, with the other four paths "
+                                           "(the mini-benchmark has its own test split)")
     for name in space.fixed:
         if name not in allowed:
             raise _fail(path, f"fixed.{name}", f"unknown parameter for method {space.method!r}; allowed: {', '.join(allowed)}")
@@ -182,33 +225,49 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
         if param.type == "categorical":
             if not param.choices:
                 raise _fail(path, f"{key}.choices", "a categorical parameter needs a non-empty list of choices")
+            ends = {f"{key}.choices[{i}]": choice for i, choice in enumerate(param.choices)}
         else:
             if param.low is None or param.high is None or not param.low < param.high:
                 raise _fail(path, key, f"a {param.type} parameter needs low < high, but got low={param.low}, high={param.high}")
             if param.type == "loguniform" and param.low <= 0:
                 raise _fail(path, f"{key}.low", f"must be positive for loguniform, but got {param.low}")
-        for other in (param.when or {}):
+            ends = {f"{key}.low": param.low, f"{key}.high": param.high}
+        for where, value in ends.items():  # every value the search can propose lies between these
+            check_values(space, space.method, {name: value}, path, where)
+        for other, values in (param.when or {}).items():
             if other not in searched or space.search[other].type != "categorical":
                 raise _fail(path, f"{key}.when.{other}", "must name another searched categorical parameter")
-    if space.objective.mode not in ("min", "max") or space.objective.second_mode not in ("min", "max"):
+            if not isinstance(values, list) or not set(values) & set(space.search[other].choices):
+                raise _fail(path, f"{key}.when.{other}", f"must list some of {other}'s choices "
+                                                         f"{space.search[other].choices}, but got {values!r}: it could never hold")
+    objective = space.objective
+    for key, metric in (("objective.metric", objective.metric), ("objective.second_metric", objective.second_metric)):
+        if metric is not None and metric not in OBJECTIVE_METRICS:
+            raise _fail(path, key, f"no trial reports {metric!r}; choose one of {', '.join(OBJECTIVE_METRICS)}")
+    if objective.mode not in ("min", "max") or objective.second_mode not in ("min", "max"):
         raise _fail(path, "objective.mode", "must be 'min' or 'max'")
     if space.scheduler.type not in SCHEDULERS:
         raise _fail(path, "scheduler.type", f"must be one of {', '.join(SCHEDULERS)}, but got {space.scheduler.type!r}")
     for key, value in (("num_samples", space.num_samples), ("max_concurrent", space.max_concurrent),
                        ("budget.epochs", space.budget.epochs), ("resources.num_workers", space.resources.num_workers),
-                       ("scheduler.grace_period", space.scheduler.grace_period)):
+                       ("scheduler.grace_period", space.scheduler.grace_period),
+                       ("budget.max_iters", 1 if space.budget.max_iters is None else space.budget.max_iters)):
         if value < 1:
             raise _fail(path, key, f"must be at least 1, but got {value}")
+    if space.scheduler.type == "asha" and space.scheduler.grace_period >= space.budget.epochs:
+        raise _fail(path, "scheduler.grace_period", f"must be less than budget.epochs ({space.budget.epochs}), but got "
+                                                    f"{space.scheduler.grace_period}: ASHA would stop nothing")
     if space.scheduler.reduction_factor < 2:
         raise _fail(path, "scheduler.reduction_factor", f"must be at least 2, but got {space.scheduler.reduction_factor}")
     if space.max_failures < 0:
         raise _fail(path, "max_failures", f"must be 0 or more, but got {space.max_failures}")
-    # a trial config must build: catches wrong types in `fixed`
-    try:
-        space.train_config({name: _example(p) for name, p in space.search.items()},
-                           teacher_checkpoint=None).detector.validate()
-    except (UserError, TypeError) as error:
-        raise UserError(f"{path}: fixed: {error}") from None
+    for key, value in (("resources.cpus_per_worker", space.resources.cpus_per_worker),
+                       ("resources.gpus_per_worker", space.resources.gpus_per_worker)):
+        if not value > 0:
+            raise _fail(path, key, f"must be positive, but got {value}")
+    check_values(space, space.method, {name: _example(p) for name, p in space.search.items()}, path, "fixed")
+    if space.method != "none":
+        check_pair(space, path)
     return space
 
 
@@ -292,12 +351,16 @@ def define_by_run(space: SweepSpace) -> DefineByRun:
 
 
 def paper_default_point(space: SweepSpace) -> dict:
-    """The paper-default configuration, restricted to searched parameters and clipped to their ranges."""
+    """The method's published defaults (its loss's constructor defaults), overridden by the space's
+    ``fixed`` values, restricted to the searched parameters and clipped to their ranges."""
+    defaults = {**method_parameters(space.method), **space.fixed}
     point = {}
     for name, param in space.search.items():
-        if name not in PAPER_DEFAULTS:
+        if name not in defaults:
             continue
-        value = PAPER_DEFAULTS[name]
+        value = defaults[name]
+        if isinstance(value, tuple):  # branches: ("spatial", "channel") is the choice "spatial+channel"
+            value = "+".join(value)
         if param.type == "categorical":
             if value in param.choices:
                 point[name] = value

@@ -66,14 +66,18 @@ def _evaluate(cfg_dict: dict, checkpoint: str) -> dict:
     data = load_data(cfg)
     detector = build_detector(dataclasses.replace(cfg.detector, num_classes=data.train.num_classes))
     load_weights(detector, checkpoint)
-    figures, _ = evaluate_detector(detector, data.val, torch.device("cpu"), cfg.batch_size)
-    return {f"val/{k}": v for k, v in figures.items()}
+    figures = {}
+    for split, dataset in (("val", data.val), ("test", data.test)):
+        if dataset is not None:
+            found, _ = evaluate_detector(detector, dataset, torch.device("cpu"), cfg.batch_size)
+            figures.update({f"{split}/{k}": v for k, v in found.items()})
+    return figures
 
 
 def recorded_figures(checkpoint: str, data_paths: dict) -> dict | None:
-    """The validation figures a ``dmkd.train`` checkpoint recorded after its last epoch, when that
-    evaluation used these validation images and annotations; None otherwise (a plain state dict, an
-    older checkpoint, another validation set, or no evaluation in the last epoch)."""
+    """The validation (and test) figures a ``dmkd.train`` checkpoint recorded after its last epoch, when
+    that evaluation used these held-out images and annotations; None otherwise (a plain state dict, an
+    older checkpoint, other held-out sets, or no evaluation in the last epoch)."""
     import torch
 
     try:
@@ -82,12 +86,14 @@ def recorded_figures(checkpoint: str, data_paths: dict) -> dict | None:
         return None
     if not isinstance(state, dict) or not state.get("history") or not isinstance(state.get("data"), dict):
         return None
-    wanted = {k: str(Path(data_paths[k]).resolve()) for k in ("val_ann", "val_images")}
+    keys = ("val_ann", "val_images", "test_ann", "test_images")
+    wanted = {k: str(Path(data_paths[k]).resolve()) if k in data_paths else None for k in keys}
     if any(state["data"].get(k) != v for k, v in wanted.items()):
         return None
     last = state["history"][-1]
-    figures = {k: v for k, v in last.items() if k.startswith("val/")}
-    return figures if "val/AP" in figures else None
+    figures = {k: v for k, v in last.items() if k.startswith(("val/", "test/"))}
+    complete = "val/AP" in figures and ("test/AP" in figures or wanted["test_ann"] is None)
+    return figures if complete else None
 
 
 def evaluate_teacher(space, data_paths: dict, checkpoint: str) -> dict:

@@ -77,6 +77,11 @@ def train_worker(config: dict) -> None:
             resume_from.unlink(missing_ok=True)
 
 
+def trial_dirname(trial) -> str:
+    """Tune's trial folder: ``run_trial_<id>`` (Tune's default puts every parameter value in the name)."""
+    return f"run_trial_{trial.trial_id}"
+
+
 def run_trial(config: dict, *, space, setup: dict, rows: dict | None = None) -> None:
     """The Tune trainable. ``config`` holds the searched values (a sweep) or a grid ``row`` and ``seed``
     (an ablation, whose rows map names to a method and its parameters); ``space`` (a SweepSpace),

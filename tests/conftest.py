@@ -40,4 +40,4 @@ def mini_data(tmp_path_factory) -> dict[str, str]:
     from dmkd.synthetic import SyntheticSpec, ensure_mini_benchmark
 
     folder = tmp_path_factory.mktemp("mini")
-    return ensure_mini_benchmark(folder, SyntheticSpec(train_images=32, val_images=16))
+    return ensure_mini_benchmark(folder, SyntheticSpec(train_images=32, val_images=16, test_images=8))

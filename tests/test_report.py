@@ -2,20 +2,23 @@
 checked against the stored trial results."""
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import yaml
 
+from dmkd.distillers import SEARCH_SPACES
 from dmkd.errors import UserError
 from dmkd.models import DetectorConfig, build_detector
 from orchestrator.ablate import load_grid
-from orchestrator.report import summarize
+from orchestrator.report import paired_difference, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"arch": "fcos", "backbone": "resnet10_quarter", "fpn_channels": 64, "head_convs": 1, "image_size": 96}
@@ -23,14 +26,34 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_confidence_interval_for_known_inputs():
+    # Student t quantiles from a printed table (3 decimals): t(0.975; 2) = 4.303, t(0.975; 1) = 12.706
     s = summarize([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
-    assert s["ci95"] == pytest.approx(4.303 / 3 ** 0.5)
+    assert s["ci95"] == pytest.approx(4.303 / 3 ** 0.5, rel=1e-4)
     two = summarize([0.5, 0.7])
-    assert two["ci95"] == pytest.approx(12.706 * statistics.stdev([0.5, 0.7]) / 2 ** 0.5)
+    assert two["ci95"] == pytest.approx(12.706 * statistics.stdev([0.5, 0.7]) / 2 ** 0.5, rel=1e-4)
     assert summarize([0.4])["ci95"] is None and summarize([])["mean"] is None
-    big = summarize([float(i) for i in range(40)])
-    assert big["ci95"] == pytest.approx(1.96 * statistics.stdev(range(40)) / 40 ** 0.5)
+    big = summarize([float(i) for i in range(40)])  # t(0.975; 39) = 2.023
+    assert big["ci95"] == pytest.approx(2.023 * statistics.stdev(range(40)) / 40 ** 0.5, rel=1e-3)
+
+
+def test_paired_difference_against_hand_computed_values():
+    # differences 0.01, 0.02, 0.03 (seed 3 only in one row: left out): mean 0.02, sd 0.01, t = 0.02 / (0.01 / sqrt 3)
+    # = 2 sqrt 3; with 2 degrees of freedom the t CDF is 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - t / sqrt(2 + t^2)
+    row = {0: 0.51, 1: 0.42, 2: 0.63, 3: 0.9}
+    reference = {0: 0.50, 1: 0.40, 2: 0.60}
+    found = paired_difference(row, reference)
+    t = 2 * 3 ** 0.5
+    assert found["seeds"] == [0, 1, 2] and found["n"] == 3
+    assert found["mean"] == pytest.approx(0.02) and found["std"] == pytest.approx(0.01)
+    assert found["ci95"] == pytest.approx(4.303 * 0.01 / 3 ** 0.5, rel=1e-4)
+    assert found["p"] == pytest.approx(1 - t / (2 + t * t) ** 0.5, rel=1e-6)  # 0.0742: not significant
+    assert found["significant"] is False
+    # an unpaired comparison of the same numbers would differ: the rows' own spread is ~0.1, not 0.01
+    assert summarize(list(row.values())[:3])["std"] > 5 * found["std"]
+    clear = paired_difference({0: 0.60, 1: 0.52, 2: 0.71, 3: 0.55}, {0: 0.50, 1: 0.41, 2: 0.60, 3: 0.46})
+    assert clear["significant"] is True and clear["p"] < 0.001
+    assert paired_difference({0: 0.5}, {0: 0.4})["p"] is None  # one seed: no test
 
 
 def test_default_grid_loads_with_every_method():
@@ -54,61 +77,124 @@ def test_bad_grids_name_file_and_key(tmp_path):
         load_grid(from_sweep=str(tmp_path))
 
 
-@pytest.mark.slow
-def test_small_ablation_and_its_report(tmp_path, mini_data):
-    torch.manual_seed(0)
+def _ablation(tmp_path, mini_data, grid: dict, *extra: str, name: str = "abl"):
+    """Run ``python -m orchestrator.ablate`` on a tiny pair (a saved random teacher) in its own process."""
     teacher = tmp_path / "teacher.pt"
-    torch.save({"model": build_detector(DetectorConfig(**TINY, num_classes=4)).state_dict()}, teacher)
+    if not teacher.is_file():
+        torch.manual_seed(0)
+        torch.save({"model": build_detector(DetectorConfig(**TINY, num_classes=4)).state_dict()}, teacher)
     base = yaml.safe_load((ROOT / "search_spaces" / "default.yaml").read_text())
     base.update(name="base", max_concurrent=2, max_failures=0,
                 pair={"teacher": TINY, "student": TINY, "teacher_checkpoint": str(teacher), "train_teacher": False},
-                data={k: mini_data[k] for k in ("train_ann", "train_images", "val_ann", "val_images")},
+                data={k: mini_data[k] for k in ("train_ann", "train_images", "val_ann", "val_images", "test_ann", "test_images")},
                 fixed={"batch_size": 4, "warmup_iters": 1}, budget={"epochs": 2, "max_iters": 2},
                 resources={"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1})
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(sort_keys=False, data={
-        "name": "abl", "base": "base.yaml", "seeds": 2,
-        "rows": {"none": {"method": "none"}, "dmkd": {"method": "dmkd", "params": {"alpha": 1e-4}},
-                 "broken": {"method": "dmkd", "params": {"alpha": 1e300}}}}))
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(sort_keys=False, data={"name": name, "base": "base.yaml", **grid}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline",
            "WANDB_CONFIG_DIR": str(tmp_path / "wc"), "WANDB_CACHE_DIR": str(tmp_path / "wcache")}
-    run = subprocess.run([sys.executable, "-m", "orchestrator.ablate", "--grid", str(tmp_path / "grid.yaml"),
-                          "--storage", str(tmp_path / "exp"), "--wandb", "offline"],
+    run = subprocess.run([sys.executable, "-m", "orchestrator.ablate", "--grid", str(tmp_path / f"{name}.yaml"),
+                          "--storage", str(tmp_path / "exp"), "--wandb", "offline", *extra],
                          capture_output=True, text=True, env=env, timeout=900)
-    experiment = tmp_path / "exp" / "abl"
-    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]  # the broken row's trials failed
-    assert (experiment / "report.md").is_file()
+    return run, tmp_path / "exp" / name, env
 
-    # recompute from Tune's stored records
+
+def _stored(experiment: Path) -> dict:
+    """Tune's own records of every trial: (row, seed) -> reported results."""
     stored = {}
     for folder in experiment.glob("run_trial_*"):
         config = json.loads((folder / "params.json").read_text())
         results = folder / "result.json"
         lines = [json.loads(l) for l in results.read_text().splitlines() if l.strip()] if results.is_file() else []
         stored[(config["row"], config["seed"])] = lines
-    assert set(stored) == {(row, seed) for row in ("none", "dmkd", "broken") for seed in (0, 1)}
+    return stored
+
+
+@pytest.mark.slow
+def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_data):
+    run, experiment, env = _ablation(tmp_path, mini_data, {
+        "seeds": 2, "tune": {"trials": 2, "epochs": 1},
+        "rows": {"mgd": {"method": "mgd"}, "dmkd": {"method": "dmkd", "params": {"alpha": 3e-6}},
+                 "broken": {"method": "dmkd", "params": {"alpha": 1e300}, "tune": False}}})
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]  # the broken row's trials failed
+
+    # equal tuning budget: every row's study ran the same trials for the same epochs, default first
+    for row, first in (("mgd", {"alpha": 2e-5, "lambda_mgd": 0.65}),
+                       ("dmkd", {"alpha": 3e-6, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65})):
+        folder = experiment / "tune" / row
+        results = list(csv.DictReader((folder / "results.csv").open()))
+        assert len(results) == 2 and {r["epochs"] for r in results} == {"1"}
+        trials = optuna.load_study(study_name=row, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+        assert len(trials) == 2 and trials[0].params == first
+        assert set(trials[0].params) == set(SEARCH_SPACES[row])
+    record = json.loads((experiment / "ablation.json").read_text())
+    for row in ("mgd", "dmkd"):
+        best = json.loads((experiment / "tune" / row / "best.json").read_text())
+        assert record["rows"][row]["params"] == {**({"alpha": 3e-6} if row == "dmkd" else {}), **best["params"]}
+        assert record["tuning"][row]["trials"] == 2 and record["tuning"][row]["epochs"] == 1
+
+    # the seeds ran at each row's chosen parameters, full budget, and evaluated the held-out test split
+    assert not (experiment / "tune" / "broken").exists() and record["tuning"]["broken"]["trials"] == 0
+    stored = _stored(experiment)
+    assert set(stored) == {(row, seed) for row in ("mgd", "dmkd", "broken") for seed in (0, 1)}
+    for (row, seed), lines in stored.items():
+        if row != "broken":
+            assert lines[-1]["epoch"] == 2 and "test/AP" in lines[-1] and "test/AP" not in lines[0]
+
+    # the reference row: trained once per seed through the trial machinery, cached outside the experiment
+    reference = json.loads((experiment / "reference.json").read_text())
+    assert set(reference) == {"0", "1"}
+    (cache,) = (tmp_path / "exp" / "references").iterdir()
+    assert sorted(p.name for p in cache.glob("seed*.json")) == ["seed0.json", "seed1.json"]
+
+    # pairing: one seed, one initial student and one data order in every row (the reference included)
+    for seed in (0, 1):
+        inits = {stored[(row, seed)][0]["pairing/student_init"] for row in ("mgd", "dmkd")}
+        inits.add(reference[str(seed)]["history"][0]["pairing/student_init"])
+        orders = {stored[(row, seed)][0]["pairing/data_order"] for row in ("mgd", "dmkd")}
+        assert len(inits) == 1 and len(orders) == 1
+    assert stored[("mgd", 0)][0]["pairing/student_init"] != stored[("mgd", 1)][0]["pairing/student_init"]
+
+    # the report: test split, paired differences recomputed by hand from the stored records
     report = json.loads((experiment / "report.json").read_text())
     table = {e["row"]: e for e in report["table"]}
-    for row in ("none", "dmkd"):
-        finals = [stored[(row, seed)][-1]["val/AP"] for seed in (0, 1)]
-        assert all(stored[(row, seed)][-1]["epoch"] == 2 for seed in (0, 1))
-        assert table[row]["AP"]["mean"] == pytest.approx(statistics.fmean(finals))
-        assert table[row]["AP"]["std"] == pytest.approx(statistics.stdev(finals))
-        assert table[row]["seeds"] == [0, 1] and table[row]["failed"] == 0
-    assert table["dmkd"]["delta_AP"] == pytest.approx(table["dmkd"]["AP"]["mean"] - table["none"]["AP"]["mean"])
+    assert list(table) == ["none", "mgd", "dmkd", "broken"] and {e["split"] for e in table.values()} == {"test"}
     assert table["broken"]["failed"] == 2 and table["broken"]["AP"]["n"] == 0
     assert any("loss became" in message for message in table["broken"]["failures"])
-    assert report["pair"]["teacher"]["AP"] == json.loads((experiment / "teacher.json").read_text())["val/AP"]
-
+    test_ap = {row: {seed: stored[(row, seed)][-1]["test/AP"] for seed in (0, 1)} for row in ("mgd", "dmkd")}
+    test_ap["none"] = {seed: reference[str(seed)]["final"]["test/AP"] for seed in (0, 1)}
+    val_mean = {row: statistics.fmean(stored[(row, s)][-1]["val/AP"] for s in (0, 1)) for row in ("mgd", "dmkd")}
+    assert table["mgd"]["best_baseline"] == "mgd" and val_mean["mgd"] == pytest.approx(table["mgd"]["val_AP"]["mean"])
+    for row, against in (("mgd", "none"), ("dmkd", "none")):
+        d = [test_ap[row][s] - test_ap[against][s] for s in (0, 1)]
+        found = table[row]["delta_AP"]
+        assert found["mean"] == pytest.approx(statistics.fmean(d))
+        if d[0] != d[1]:  # 1 degree of freedom: t CDF = 1/2 + atan(t)/pi, so p = 1 - 2 atan(|t|)/pi
+            t = statistics.fmean(d) / (statistics.stdev(d) / 2 ** 0.5)
+            assert found["p"] == pytest.approx(1 - 2 * math.atan(abs(t)) / math.pi, rel=1e-6)
+            assert found["ci95"] == pytest.approx(12.706 * statistics.stdev(d) / 2 ** 0.5, rel=1e-4)
+    d = [test_ap["dmkd"][s] - test_ap["mgd"][s] for s in (0, 1)]
+    assert table["dmkd"]["delta_best_baseline"]["mean"] == pytest.approx(statistics.fmean(d))
+    assert table["none"]["AP"]["mean"] == pytest.approx(statistics.fmean(test_ap["none"].values()))
     markdown = (experiment / "report.md").read_text()
-    assert "| teacher |" in markdown and "| broken | dmkd |" in markdown and "Failed trials:" in markdown
-    rows = list(csv.DictReader((experiment / "report.csv").open()))
-    assert [r["row"] for r in rows] == ["none", "dmkd", "broken"]
-    assert float(rows[1]["AP_mean"]) == pytest.approx(table["dmkd"]["AP"]["mean"])
+    assert "Results on the test split" in markdown and "Pairing: every row of a seed started from the same" in markdown
+    assert "| teacher |" in markdown and "| none | none |" in markdown and "2 trials x 1 ep" in markdown
+    assert "not tuned (tune: false)" in markdown and "Failed trials:" in markdown
     assert (experiment / "ap_per_epoch.png").read_bytes()[:8] == PNG
+
+    # a second ablation of the same pair, budget and seeds trains no reference again
+    run, second, env = _ablation(tmp_path, mini_data, {"seeds": 2, "rows": {"plain": {"method": "none"}}}, name="again")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "reference: cached in" in run.stdout and "reference: training" not in run.stdout
+    assert json.loads((second / "reference.json").read_text()) == reference
+    again_table = json.loads((second / "report.json").read_text())["table"]
+    assert [e["row"] for e in again_table] == ["plain"] and again_table[0]["AP"] == report["table"][0]["AP"]
 
     # the report command reads the stored results again, into another folder
     again = subprocess.run([sys.executable, "-m", "orchestrator.report", str(experiment), "--out", str(tmp_path / "r2")],
                            capture_output=True, text=True, env={**env, "WANDB_MODE": "disabled"}, timeout=300)
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["table"] == report["table"]
+    rows = list(csv.DictReader((tmp_path / "r2" / "report.csv").open()))
+    assert [r["row"] for r in rows] == ["none", "mgd", "dmkd", "broken"] and {r["split"] for r in rows} == {"test"}
+    assert float(rows[2]["delta_AP"]) == pytest.approx(table_delta := report["table"][2]["delta_AP"]["mean"]) and table_delta is not None

@@ -21,24 +21,35 @@ pytestmark = pytest.mark.slow
 
 def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
     storage = tmp_path / "exp"
-    run = subprocess.run(_command(_space(tmp_path, mini_data), storage), capture_output=True, text=True,
-                         env=_env(tmp_path), timeout=900)
+    # The objective is the distill loss, which grows with alpha: the first trial has the paper's alpha
+    # (2e-5, near the bottom of the range), so ASHA stops the seeded sampler's larger-alpha trials.
+    space = _space(tmp_path, mini_data, reference=True, objective={"metric": "loss/distill", "mode": "min"},
+                   search={"alpha": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
+                           "temperature": {"type": "uniform", "low": 0.2, "high": 1.0}})
+    run = subprocess.run(_command(space, storage), capture_output=True, text=True, env=_env(tmp_path), timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     experiment = storage / "tiny"
     assert "best: run_trial_" in run.stdout
 
-    # Optuna: every trial once; full-budget trials COMPLETE, trials ASHA stopped PRUNED with their value
+    # Optuna: every trial once; full-budget trials COMPLETE, trials ASHA stopped PRUNED with the value
+    # of the epoch they stopped at
+    tune_results = _tune_results(experiment)
     trials = _study(experiment).trials
     assert len(trials) == 3
-    first = trials[0].params
-    assert first == {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65}
+    assert trials[0].params == {"alpha": 2e-5, "temperature": 0.5}
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and trials[0].state == optuna.trial.TrialState.COMPLETE
     for trial in trials:
         epochs = trial.user_attrs["epochs"]
         expected = optuna.trial.TrialState.COMPLETE if epochs == 2 else optuna.trial.TrialState.PRUNED
-        assert trial.state == expected and trial.value is not None
+        assert trial.state == expected
+    for trial in pruned:
+        assert trial.user_attrs["epochs"] == 1
+        assert trial.intermediate_values == {1: pytest.approx(trial.user_attrs["last_values"]["loss/distill"])}
+        stopped = [h for h in tune_results.values() if len(h) == 1 and h[0]["loss/distill"] == trial.intermediate_values[1]]
+        assert len(stopped) == 1
 
     # results.csv matches what Tune recorded for each trial
-    tune_results = _tune_results(experiment)
     import csv
 
     rows = list(csv.DictReader((experiment / "results.csv").open()))
@@ -49,7 +60,7 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
         assert int(row["epochs"]) == last["epoch"]
         assert row["status"] == ("completed" if last["epoch"] == 2 else "stopped early")
     best = json.loads((experiment / "best.json").read_text())
-    assert best["value"] == max(float(row["val/AP"]) for row in rows)
+    assert best["value"] == min(float(row["loss/distill"]) for row in rows)
 
     # W&B: one offline run per trial, in the pair's group, tagged with method and seed
     for trial_id in tune_results:
@@ -61,6 +72,16 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
         summary = json.loads(inspect.stdout)
         assert summary["tags"] == ["dmkd", "variant:dmkd", "seed:0"]
         assert summary["summary"]["epoch"] == tune_results[trial_id][-1]["epoch"]
+
+    # the reference row: the undistilled student with the same budget and seed, and each trial's Δ AP to it
+    reference = json.loads((experiment / "reference.json").read_text())["0"]
+    assert reference["final"]["epoch"] == 2 and reference["history"][0]["pairing/student_init"] == \
+        tune_results[rows[0]["trial_id"]][0]["pairing/student_init"]
+    report = json.loads((experiment / "report.json").read_text())
+    assert report["reference_AP"] == reference["final"]["val/AP"]
+    assert report["pair"]["student"]["AP_without_distillation"] == reference["final"]["val/AP"]
+    for entry in report["leaderboard"]:
+        assert entry["delta_AP"] == pytest.approx(entry["AP"] - reference["final"]["val/AP"])
 
     # reproducibility: the sweep wrote its plan, resolved space and provenance
     record = json.loads((experiment / "sweep.json").read_text())

@@ -2,7 +2,8 @@
 ``loss(student_feature, teacher_feature, context)`` wrapped per FPN level by :class:`MultiLevel`.
 
 ``METHODS`` maps each name a config may use to its loss class and fixed switches; ``none`` means
-no distillation.
+no distillation. ``SEARCH_SPACES`` holds what a tuning run searches for each method; the ranges live
+next to each loss (its module's ``SEARCH``), and the published defaults are the constructors' defaults.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import inspect
 from functools import partial
 
 
+from dmkd.distillers import dmkd, fgd, fitnet, mgd
 from dmkd.distillers.base import DistillContext, MultiLevel
 from dmkd.distillers.dmkd import DMKDLoss
 from dmkd.distillers.fgd import FGDLoss
@@ -26,6 +28,17 @@ METHODS: dict[str, partial | None] = {
     "dmkd_spatial": partial(DMKDLoss, branches=("spatial",)),
     "dmkd_channel": partial(DMKDLoss, branches=("channel",)),
     "dmkd_fixed": partial(DMKDLoss, fusion="fixed"),
+}
+
+SEARCH_SPACES: dict[str, dict[str, dict]] = {
+    "none": {},
+    "fitnet": fitnet.SEARCH,
+    "mgd": mgd.SEARCH,
+    "fgd": fgd.SEARCH,
+    "dmkd": dmkd.SEARCH,
+    "dmkd_spatial": {k: v for k, v in dmkd.SEARCH.items() if k != "channel_ratio"},
+    "dmkd_channel": {k: v for k, v in dmkd.SEARCH.items() if k != "spatial_ratio"},
+    "dmkd_fixed": dmkd.SEARCH,
 }
 
 
@@ -64,6 +77,12 @@ def _typed(value, default, where: str):
     return value
 
 
+def check_parameters(method: str, params: dict, where: str = "distill") -> None:
+    """Raise a one-line ``UserError`` unless ``method`` accepts ``params``: names, types and values,
+    checked by building the loss on one small level (milliseconds, no data, no teacher)."""
+    build_distiller(method, 32, 32, ["0"], params, where)
+
+
 def build_distiller(method: str, student_channels: int, teacher_channels: int, levels: list[str],
                     params: dict | None = None, where: str = "distill") -> MultiLevel | None:
     """One loss per level for ``method`` with ``params``; None for ``none``."""
@@ -84,5 +103,5 @@ def build_distiller(method: str, student_channels: int, teacher_channels: int, l
     return MultiLevel(method, losses)
 
 
-__all__ = ["METHODS", "DistillContext", "DMKDLoss", "FGDLoss", "FitNetLoss", "MGDLoss", "MultiLevel",
+__all__ = ["METHODS", "SEARCH_SPACES", "DistillContext", "check_parameters", "DMKDLoss", "FGDLoss", "FitNetLoss", "MGDLoss", "MultiLevel",
            "build_distiller", "method_parameters"]

@@ -1,11 +1,23 @@
 """What every distiller shares: the generation block, the channel aligner, the per-level wrapper."""
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+def check_weight(name: str, value: float) -> None:
+    """A loss weight: finite and not negative (0 turns its term off)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (0 turns the term off), but got {value!r}")
+
+
+def check_temperature(value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, but got {value!r}")
 
 
 def generation_block(channels: int) -> nn.Sequential:

@@ -15,10 +15,16 @@ import torch
 from torch import nn
 
 from dmkd.distillers.attention import MASK_MODES, MASKED_SIDES, attention_mask, channel_attention, spatial_attention
-from dmkd.distillers.base import DistillContext, aligner, generation_block
+from dmkd.distillers.base import DistillContext, aligner, check_temperature, check_weight, generation_block
 
 BRANCHES = ("spatial", "channel")
 FUSIONS = ("learned", "fixed")
+# What a tuning run searches (`orchestrator.ablate --tune`): alpha from "almost off" to 5x the paper's
+# one-stage value; the single-branch variants drop the other branch's ratio.
+SEARCH = {"alpha": {"type": "loguniform", "low": 1e-8, "high": 1e-4},
+          "temperature": {"type": "uniform", "low": 0.2, "high": 1.0},
+          "spatial_ratio": {"type": "uniform", "low": 0.3, "high": 0.9},
+          "channel_ratio": {"type": "uniform", "low": 0.3, "high": 0.9}}
 
 
 class DMKDLoss(nn.Module):
@@ -36,10 +42,13 @@ class DMKDLoss(nn.Module):
             raise ValueError(f"masked must be one of {', '.join(MASKED_SIDES)}, but got {masked!r}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, but got {fusion!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, but got {temperature}")
-        if mask_mode == "topk" and not (0.0 <= spatial_ratio <= 1.0 and 0.0 <= channel_ratio <= 1.0):
-            raise ValueError("spatial_ratio and channel_ratio must lie in [0, 1] for mask_mode 'topk'")
+        check_weight("alpha", alpha)
+        check_temperature(temperature)
+        for name, ratio in (("spatial_ratio", spatial_ratio), ("channel_ratio", channel_ratio)):
+            if mask_mode == "topk" and not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1] for mask_mode 'topk', but got {ratio}")
+            if not ratio >= 0.0:
+                raise ValueError(f"{name} must be >= 0, but got {ratio}")
         self.alpha, self.temperature = alpha, temperature
         self.spatial_ratio, self.channel_ratio = spatial_ratio, channel_ratio
         self.mask_mode, self.masked, self.branches, self.fusion = mask_mode, masked, branches, fusion

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from dmkd.distillers.attention import channel_attention, spatial_attention
-from dmkd.distillers.base import DistillContext, aligner
+from dmkd.distillers.base import DistillContext, aligner, check_temperature, check_weight
+
+# What a tuning run searches (`orchestrator.ablate --tune`): each weight from 1/1000 of its RetinaNet
+# value ("almost off") to 10x it; the temperature around FGD's 0.5 (RetinaNet) and 0.8 (FCOS).
+SEARCH = {"alpha": {"type": "loguniform", "low": 1e-6, "high": 1e-2},
+          "beta": {"type": "loguniform", "low": 5e-7, "high": 5e-3},
+          "gamma": {"type": "loguniform", "low": 5e-7, "high": 5e-3},
+          "lambda_fgd": {"type": "loguniform", "low": 5e-9, "high": 5e-5},
+          "temperature": {"type": "uniform", "low": 0.2, "high": 1.0}}
 
 
 def foreground_background_masks(boxes: list[torch.Tensor], input_size: tuple[int, int], height: int, width: int,
@@ -63,8 +71,9 @@ class FGDLoss(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, *, temperature: float = 0.5,
                  alpha: float = 1e-3, beta: float = 5e-4, gamma: float = 5e-4, lambda_fgd: float = 5e-6):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, but got {temperature}")
+        check_temperature(temperature)
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("lambda_fgd", lambda_fgd)):
+            check_weight(name, value)
         self.temperature, self.alpha, self.beta, self.gamma, self.lambda_fgd = temperature, alpha, beta, gamma, lambda_fgd
         self.align = aligner(student_channels, teacher_channels)
         self.student_context = _ContextBlock(teacher_channels)

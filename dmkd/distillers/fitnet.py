@@ -5,12 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmkd.distillers.base import DistillContext
+from dmkd.distillers.base import DistillContext, check_weight
+
+# What a tuning run searches (`orchestrator.ablate --tune`), from "almost off" to 10x the default.
+SEARCH = {"weight": {"type": "loguniform", "low": 1e-3, "high": 10.0}}
 
 
 class FitNetLoss(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, *, weight: float = 1.0):
         super().__init__()
+        check_weight("weight", weight)
         self.weight = weight
         self.align = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmkd.distillers.base import DistillContext, aligner, generation_block
+from dmkd.distillers.base import DistillContext, aligner, check_weight, generation_block
+
+# What a tuning run searches (`orchestrator.ablate --tune`): alpha from "almost off" to 5x the default.
+SEARCH = {"alpha": {"type": "loguniform", "low": 1e-8, "high": 1e-4},
+          "lambda_mgd": {"type": "uniform", "low": 0.3, "high": 0.9}}
 
 
 class MGDLoss(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, *, alpha: float = 2e-5, lambda_mgd: float = 0.65):
         super().__init__()
+        check_weight("alpha", alpha)
         if not 0.0 <= lambda_mgd <= 1.0:
             raise ValueError(f"lambda_mgd must lie in [0, 1], but got {lambda_mgd}")
         self.alpha, self.lambda_mgd = alpha, lambda_mgd

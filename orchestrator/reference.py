@@ -1,0 +1,79 @@
+"""The undistilled student: the reference row of every sweep and ablation.
+
+It is trained through the same trial machinery as the distilled trials (a Tune trial running a Ray
+Train run of ``dmkd.train.fit`` with method ``none``), with the same student, data, budget, training
+settings, workers and seed, so every distilled figure has a Δ AP against it. It is trained once per
+seed and cached beside the teachers (``STORAGE/references/``): a sweep and an ablation of the same
+pair and budget share it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from dmkd.config import to_dict
+from dmkd.errors import UserError
+from dmkd.io import atomic_write_json, read_json
+
+REFERENCE_ROW = {"method": "none", "params": {}}
+KEPT = ("epoch", "val/", "test/", "loss/", "pairing/")
+
+
+def reference_cache(storage: str) -> Path | None:
+    """STORAGE/references; None for a cloud URI (the cache needs a filesystem)."""
+    return None if "://" in storage else Path(storage) / "references"
+
+
+def reference_folder(space, data_paths: dict, cache_root: Path) -> Path:
+    """One folder per (student, data, budget, training settings, workers); one file per seed inside."""
+    cfg = space.train_config({}, method="none", seed=0, data_paths=data_paths)
+    source = {**to_dict(cfg), "out": None, "seed": None, "num_workers_per_trial": space.resources.num_workers}
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+    student = space.pair.student
+    return cache_root / f"{student.arch}-{student.backbone}-fpn{student.fpn_channels}-{key}"
+
+
+def _kept(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k.startswith(KEPT) and isinstance(v, (int, float))}
+
+
+def ensure_references(space, seeds: list[int], setup: dict, cache_root: Path | None, log=print) -> dict[int, dict]:
+    """``{seed: {"history": [per-epoch figures], "final": {...}}}`` for each seed, trained when missing
+    (the missing seeds together, as one small Tune run that a rerun continues)."""
+    from ray import tune
+
+    from orchestrator.trial import run_trial, trial_dirname
+
+    if cache_root is None:
+        log("reference: not trained (a cloud --storage has no cache for it); the report leaves its row empty")
+        return {}
+    folder = reference_folder(space, setup["data_paths"], cache_root)
+    missing = [seed for seed in seeds if not (folder / f"seed{seed}.json").is_file()]
+    if missing:
+        log(f"reference: training the undistilled student for seed(s) {missing}, {space.budget.epochs} epochs each, "
+            f"cached in {folder}")
+        name = "seeds-" + "-".join(str(seed) for seed in missing)
+        plain = dataclasses.replace(space, method="none", search={})
+        trainable = tune.with_parameters(run_trial, space=plain, setup={**setup, "train_storage": str(folder / "train")},
+                                         rows={"none": REFERENCE_ROW})
+        if tune.Tuner.can_restore(str(folder / name)):
+            tuner = tune.Tuner.restore(str(folder / name), trainable=trainable, resume_errored=True, resume_unfinished=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space={"row": "none", "seed": tune.grid_search(missing)},
+                               tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent,
+                                                           trial_dirname_creator=trial_dirname),
+                               run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=0,
+                                                         failure_config=tune.FailureConfig(max_failures=0)))
+        for result in tuner.fit():
+            seed = result.config["seed"]
+            if result.error is not None:
+                raise UserError(f"reference: the undistilled student failed for seed {seed}: "
+                                f"{str(result.error).strip().splitlines()[-1]}")
+            lines = (Path(result.path) / "result.json").read_text().splitlines()
+            history = [_kept(json.loads(line)) for line in lines if line.strip()]
+            atomic_write_json(folder / f"seed{seed}.json", {"seed": seed, "history": history, "final": history[-1]})
+    else:
+        log(f"reference: cached in {folder}")
+    return {seed: read_json(folder / f"seed{seed}.json", "reference result") for seed in seeds}
