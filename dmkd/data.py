@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +25,42 @@ from dmkd.errors import UserError
 from dmkd.io import read_json
 
 
+def is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_box(value) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(is_number(v) for v in value)
+
+
+def check_records(path: Path, field: str, records, required: dict) -> None:
+    """``records`` must be a list of objects, each holding ``required`` keys whose values pass their
+    checks (``{key: (check, what it must be)}``); the first problem is a one-line ``UserError``."""
+    if not isinstance(records, list):
+        raise UserError(f"{path}: field '{field}' must be a list, but got {type(records).__name__}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: {field}[{index}] must be an object, but got {record!r}")
+        for key, (check, what) in required.items():
+            if key not in record:
+                raise UserError(f"{path}: {field}[{index}] has no '{key}'")
+            if not check(record[key]):
+                raise UserError(f"{path}: {field}[{index}].{key} must be {what}, but got {record[key]!r}")
+
+
+def _check_unique(path: Path, field: str, records: list[dict]) -> None:
+    seen = set()
+    for index, record in enumerate(records):
+        if "id" in record:
+            if record["id"] in seen:
+                raise UserError(f"{path}: {field}[{index}].id {record['id']} appears twice (ids must be unique)")
+            seen.add(record["id"])
+
+
 def load_coco(ann_file: str | os.PathLike) -> COCO:
     """Read and check a COCO instances file; every problem is a one-line ``UserError``."""
     path = Path(ann_file)
@@ -31,21 +68,23 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
     if not isinstance(data, dict):
         raise UserError(f"{path}: must hold a JSON object with 'images', 'annotations' and 'categories'")
     for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
+        if key not in data:
             raise UserError(f"{path}: field '{key}' is missing or not a list")
-    if not data["categories"]:
+    if isinstance(data["categories"], list) and not data["categories"]:
         raise UserError(f"{path}: field 'categories' is empty")
     data.setdefault("annotations", [])
-    for index, image in enumerate(data["images"]):
-        for key in ("id", "file_name"):
-            if key not in image:
-                raise UserError(f"{path}: images[{index}] has no '{key}'")
+    check_records(path, "images", data["images"], {"id": (is_id, "an integer"),
+                                                    "file_name": (lambda v: isinstance(v, str), "a string")})
+    check_records(path, "categories", data["categories"], {"id": (is_id, "an integer")})
+    check_records(path, "annotations", data["annotations"], {
+        "image_id": (is_id, "an integer"), "category_id": (is_id, "an integer"),
+        "bbox": (is_box, "[x, y, width, height] of numbers")})
+    for field in ("images", "categories", "annotations"):
+        _check_unique(path, field, data[field])
+    image_ids = {image["id"] for image in data["images"]}
     for index, ann in enumerate(data["annotations"]):
-        for key in ("image_id", "category_id", "bbox"):
-            if key not in ann:
-                raise UserError(f"{path}: annotations[{index}] has no '{key}'")
-        if not (isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4):
-            raise UserError(f"{path}: annotations[{index}].bbox must be [x, y, width, height]")
+        if ann["image_id"] not in image_ids:
+            raise UserError(f"{path}: annotations[{index}].image_id {ann['image_id']} is not in 'images'")
         ann.setdefault("id", index + 1)
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
@@ -95,6 +134,15 @@ class CocoDetection(torch.utils.data.Dataset):
                 labels.append(category_to_label[ann["category_id"]])
             self.targets[image_id] = (np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
         self.dropped_boxes = dropped
+        kept = sum(len(boxes) for boxes, _ in self.targets.values())
+        if dropped and not kept:
+            raise UserError(f"{self.ann_file}: every one of its {dropped} boxes has zero width or height or lies "
+                            f"outside its image: nothing to train or evaluate on")
+        missing = [self.coco.imgs[i]["file_name"] for i in self.image_ids
+                   if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
+        if missing:  # found now, not after an epoch of training
+            raise UserError(f"{self.image_dir / missing[0]}: image file not found ({len(missing)} of the "
+                            f"{len(self.image_ids)} images of {self.ann_file} are missing)")
         if dropped:
             warnings.warn(f"{self.ann_file}: dropped {dropped} boxes with zero width/height or outside their image",
                           stacklevel=2)

@@ -16,7 +16,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dmkd.data import load_coco
+from dmkd.data import check_records, is_box, is_id, is_number, load_coco
 from dmkd.errors import UserError, one_line
 from dmkd.io import read_json
 
@@ -46,12 +46,10 @@ def load_results(path: str | Path, coco_gt: COCO) -> list[dict]:
     if not isinstance(results, list):
         raise UserError(f"{path}: must hold a JSON list of COCO results")
     known_images, known_categories = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    check_records(path, "results", results, {
+        "image_id": (is_id, "an integer"), "category_id": (is_id, "an integer"),
+        "bbox": (is_box, "[x, y, width, height] of numbers"), "score": (is_number, "a number")})
     for index, result in enumerate(results):
-        if not isinstance(result, dict):
-            raise UserError(f"{path}: [{index}] must be an object")
-        for key in ("image_id", "category_id", "bbox", "score"):
-            if key not in result:
-                raise UserError(f"{path}: [{index}] has no '{key}'")
         if result["image_id"] not in known_images:
             raise UserError(f"{path}: [{index}].image_id {result['image_id']} is not in the annotation file")
         if result["category_id"] not in known_categories:
@@ -62,7 +60,7 @@ def load_results(path: str | Path, coco_gt: COCO) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m dmkd.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ann", required=True, help="COCO instances JSON (ground truth)")
     parser.add_argument("--results", required=True, help="COCO results JSON (detections)")
     args = parser.parse_args(argv)

@@ -29,10 +29,10 @@ from tqdm import tqdm
 from dmkd import distributed as dist_utils
 from dmkd.config import from_dict, to_dict
 from dmkd.data import CocoDetection, EpochTaggedSampler, SeededAugmentation, collate, to_coco_results
-from dmkd.errors import UserError, run_command
+from dmkd.errors import UserError, one_line, run_command
 from dmkd.evaluate import coco_evaluate
 from dmkd.io import atomic_write, atomic_write_json
-from dmkd.distillers import DistillContext, METHODS, build_distiller
+from dmkd.distillers import DistillContext, METHODS, build_distiller, check_parameters
 from dmkd.models import DetectorConfig, FeatureTap, TeacherFeatures, build_detector, feature_shapes, load_weights
 from dmkd.provenance import provenance
 from dmkd.synthetic import ensure_mini_benchmark
@@ -96,6 +96,14 @@ class TrainConfig:
                 raise UserError(f"{name}: must be at least 1, but got {getattr(self, name)}")
         if self.max_iters is not None and self.max_iters < 1:
             raise UserError(f"max_iters: must be at least 1, but got {self.max_iters}")
+        if self.num_workers < 0:
+            raise UserError(f"num_workers: must be 0 (load in the training process) or more, but got {self.num_workers}")
+        for name in ("weight_decay", "warmup_iters", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"{name}: must be 0 or more, but got {getattr(self, name)}")
+        for name in ("out", "data_dir"):
+            if check_files and Path(getattr(self, name)).exists() and not Path(getattr(self, name)).is_dir():
+                raise UserError(f"{name}: {getattr(self, name)} exists and is not a folder")
         if self.optimizer not in ("adamw", "sgd"):
             raise UserError(f"optimizer: must be 'adamw' or 'sgd', but got {self.optimizer!r}")
         if not self.lr > 0:
@@ -110,6 +118,7 @@ class TrainConfig:
             if check_files and not Path(self.teacher_checkpoint).is_file():
                 raise UserError(f"{self.teacher_checkpoint}: teacher checkpoint file not found")
             (self.teacher or MINI_TEACHER).validate("teacher")
+        check_parameters(self.method, self.distill)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":
@@ -197,6 +206,22 @@ def state_fingerprint(module: nn.Module) -> int:
     return crc
 
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "history", "rng")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A ``dmkd.train`` checkpoint to resume from; anything else is a one-line ``UserError``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise UserError(f"{path}: not a readable torch checkpoint ({type(error).__name__})") from None
+    missing = [key for key in RESUME_KEYS if not (isinstance(state, dict) and key in state)]
+    if missing:
+        raise UserError(f"{path}: not a dmkd.train checkpoint to resume from (no {missing[0]!r}); "
+                        f"a plain state dict can be a --teacher-checkpoint, not a --resume point")
+    return state
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -264,15 +289,16 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     main_rank = dist_utils.is_main()
-    if main_rank:
+    if distiller is None and cfg.method != "none":
+        teacher, distiller = build_distillation(cfg, data.train.num_classes)
+    checkpoint_path = Path(resume_from) if resume_from else out / CHECKPOINT_NAME
+    resume_state = load_checkpoint(checkpoint_path) if (cfg.resume or resume_from) and checkpoint_path.is_file() else None
+    if main_rank:  # everything above checked: only now is anything written
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "run.json", {"config": to_dict(cfg), "data": data.paths,
                                             "world_size": dist_utils.world_size(), "device": str(device),
                                             "torch_threads": torch.get_num_threads(),
                                             **provenance()})
-
-    if distiller is None and cfg.method != "none":
-        teacher, distiller = build_distillation(cfg, data.train.num_classes)
     torch.manual_seed(cfg.seed)
     detector = build_detector(detector_cfg)
     pairing = {"pairing/student_init": state_fingerprint(detector)}
@@ -299,13 +325,16 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
         optimizer, lambda step: lr_factor(step, min(cfg.warmup_iters, total_iters // 2), total_iters))
 
     start_epoch, step, history = 0, 0, []
-    checkpoint_path = Path(resume_from) if resume_from else out / CHECKPOINT_NAME
-    if (cfg.resume or resume_from) and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.detector.load_state_dict(state["model"])
-        if distiller is not None and state.get("distiller") is not None:
-            model.distiller.load_state_dict(state["distiller"])
-        optimizer.load_state_dict(state["optimizer"])
+    if resume_state is not None:
+        state = resume_state
+        try:
+            model.detector.load_state_dict(state["model"])
+            if distiller is not None and state.get("distiller") is not None:
+                model.distiller.load_state_dict(state["distiller"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise UserError(f"{checkpoint_path}: does not fit this run's detector, distiller or optimizer "
+                            f"({one_line(error)[:200]}); resume with the settings it was written with") from None
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
         torch.set_rng_state(state["rng"])
@@ -389,42 +418,47 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dmkd.models import ARCHITECTURES, BACKBONES
+
     parser = argparse.ArgumentParser(prog="python -m dmkd.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--role", choices=("teacher", "student"),
                         help="which mini-benchmark detector and schedule to start from "
                              "(default: teacher, or student when --method distills)")
-    data = parser.add_argument_group("data (all four, or none for the embedded mini-benchmark)")
-    data.add_argument("--train-ann")
-    data.add_argument("--train-images")
-    data.add_argument("--val-ann")
-    data.add_argument("--val-images")
+    data = parser.add_argument_group("data (the four paths, or none for the embedded mini-benchmark)")
+    data.add_argument("--train-ann", help="COCO instances JSON to train on")
+    data.add_argument("--train-images", help="folder of the training images")
+    data.add_argument("--val-ann", help="COCO instances JSON evaluated after every epoch")
+    data.add_argument("--val-images", help="folder of the validation images")
+    data.add_argument("--test-ann", help="optional held-out COCO JSON, evaluated after the last epoch only")
+    data.add_argument("--test-images", help="folder of the test images")
     data.add_argument("--data-dir", help="where the mini-benchmark is generated (default: data/mini)")
-    parser.add_argument("--out", help="output folder (default: runs/<role>)")
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--out", help="output folder (default: runs/<role>, runs/student_<method>)")
+    parser.add_argument("--epochs", type=int, help="epochs to train (default: 8 teacher, 3 student)")
     parser.add_argument("--max-iters", type=int, help="cap on iterations per epoch (smoke runs)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"))
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--workers", type=int, dest="num_workers")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--batch-size", type=int, help="images per step and process (default: 8)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: 0.002)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), help="default: adamw")
+    parser.add_argument("--seed", type=int, help="seed of weights, data order and augmentation (default: 0)")
+    parser.add_argument("--workers", type=int, dest="num_workers",
+                        help="DataLoader worker processes (default: 0, load in the training process)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (it must exist)")
     distill = parser.add_argument_group("distillation")
-    distill.add_argument("--method", help=f"one of: {', '.join(METHODS)} (default: none)")
+    distill.add_argument("--method", help=f"distillation method, one of: {', '.join(METHODS)} (default: none)")
     distill.add_argument("--teacher-checkpoint", help="local teacher checkpoint (e.g. runs/teacher/checkpoint.pt)")
-    distill.add_argument("--teacher-arch")
-    distill.add_argument("--teacher-backbone")
-    distill.add_argument("--teacher-fpn-channels", type=int)
-    distill.add_argument("--teacher-head-convs", type=int)
+    distill.add_argument("--teacher-arch", help=f"one of: {', '.join(ARCHITECTURES)} (default: fcos)")
+    distill.add_argument("--teacher-backbone", help=f"one of: {', '.join(BACKBONES)} (default: resnet18)")
+    distill.add_argument("--teacher-fpn-channels", type=int, help="default: 128")
+    distill.add_argument("--teacher-head-convs", type=int, help="default: 4")
     distill.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
                          help="a parameter of the method, e.g. --distill alpha=2e-5 (repeatable)")
-    model = parser.add_argument_group("detector")
-    model.add_argument("--arch")
-    model.add_argument("--backbone")
-    model.add_argument("--fpn-channels", type=int)
-    model.add_argument("--image-size", type=int)
-    model.add_argument("--head-convs", type=int)
+    model = parser.add_argument_group("detector (default: the role's mini-benchmark detector)")
+    model.add_argument("--arch", help=f"detector architecture, one of: {', '.join(ARCHITECTURES)}")
+    model.add_argument("--backbone", help=f"ResNet backbone, one of: {', '.join(BACKBONES)}")
+    model.add_argument("--fpn-channels", type=int, help="FPN width (a multiple of 32)")
+    model.add_argument("--image-size", type=int, help="longer image side after resizing")
+    model.add_argument("--head-convs", type=int, help="convs in each head tower")
     return parser
 
 
@@ -453,6 +487,12 @@ def parse_assignment(text: str, option: str) -> tuple[str, object]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     method = args.method or "none"
+    teacher_options = [f"--{k.replace('_', '-')}" for k in ("distill", "teacher_checkpoint", "teacher_arch",
+                                                             "teacher_backbone", "teacher_fpn_channels",
+                                                             "teacher_head_convs") if getattr(args, k)]
+    if method == "none" and teacher_options:
+        raise UserError(f"{teacher_options[0]}: only means something with --method (a distillation method); "
+                        f"without one, nothing is distilled")
     role = args.role or ("student" if method != "none" else "teacher")
     values = dict(ROLE_DEFAULTS[role])
     if method != "none" and not args.out:
@@ -472,7 +512,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if getattr(args, key) is not None:
             detector[key] = getattr(args, key)
     values["detector"] = detector
-    for key in ("train_ann", "train_images", "val_ann", "val_images", "data_dir", "out", "epochs", "max_iters",
+    for key in ("train_ann", "train_images", "val_ann", "val_images", "test_ann", "test_images", "data_dir", "out",
+                "epochs", "max_iters",
                 "batch_size", "lr", "optimizer", "seed", "num_workers", "device"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -486,7 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         cfg = config_from_args(args)
         cfg.validate()
-        final = fit(cfg)
+        if cfg.resume and not (Path(cfg.out) / CHECKPOINT_NAME).is_file():
+            raise UserError(f"--resume: {Path(cfg.out) / CHECKPOINT_NAME}: not found (nothing to continue; "
+                            f"leave out --resume to start a new run)")
+        try:
+            final = fit(cfg)
+        except NonFiniteLossError as error:
+            raise UserError(f"{error}; lower the loss weights (--distill) or the learning rate") from None
         summary = {k: v for k, v in final.items() if k.startswith("val/")}
         print(json.dumps({"out": cfg.out, "epochs": final.get("epoch"), **summary}))
         return 0

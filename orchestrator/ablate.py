@@ -31,7 +31,7 @@ from dmkd.train import parse_assignment
 from orchestrator.reference import REFERENCE_ROW, ensure_references, reference_cache
 from orchestrator.space import (DEFAULT_SPACE, SCHEDULERS, TRAIN_KEYS, Objective, Param, check_pair, check_values,
                                 describe, load_space, paper_default_point, read_yaml)
-from orchestrator.sweep import WANDB_MODES, resolve_storage, resolve_wandb_mode
+from orchestrator.sweep import WANDB_MODES, check_name, resolve_storage, resolve_wandb_mode
 
 DEFAULT_GRID = DEFAULT_SPACE.parent / "ablation.yaml"
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [parse_assignment(item, "--set") for item in args.set]
         grid = load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides,
                          tune_trials=args.tune)
-        name = args.name or grid.name
+        name = check_name(args.name or grid.name)
         storage = resolve_storage(args.storage)
         wandb_mode = resolve_wandb_mode(args.wandb)
         tuned = [row for row in grid.rows.values() if grid.tune.trials and SEARCH_SPACES[row["method"]] and row["tune"]]

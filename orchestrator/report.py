@@ -70,10 +70,16 @@ def read_trials(experiment: Path) -> list[dict]:
     trials = []
     for folder in sorted(experiment.glob("run_trial_*")):
         params_file, result_file = folder / "params.json", folder / "result.json"
-        config = json.loads(params_file.read_text()) if params_file.is_file() else {}
+        config = read_json(params_file, "trial parameters") if params_file.is_file() else {}
         history = []
         if result_file.is_file():
-            history = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+            for number, line in enumerate(result_file.read_text().splitlines(), start=1):
+                if line.strip():
+                    try:
+                        history.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise UserError(f"{result_file}: line {number} is not valid JSON (a trial's results "
+                                        f"file was damaged)") from None
         error = None
         for name in ("error.txt",):
             if (folder / name).is_file():

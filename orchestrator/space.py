@@ -157,8 +157,12 @@ def _allowed_names(method: str) -> list[str]:
 
 
 def _reason(error: UserError) -> str:
-    """The message of a check made with a generic ``where`` (``distill: ...``), without that prefix."""
-    return str(error).split(": ", 1)[1] if ": " in str(error) else str(error)
+    """The message of a distiller check without its generic ``distill`` prefix."""
+    text = str(error)
+    for prefix in ("distill: ", "distill."):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def check_values(space: "SweepSpace", method: str, values: dict, path: Path, key: str) -> None:
@@ -216,6 +220,7 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
         if name not in allowed:
             raise _fail(path, f"fixed.{name}", f"unknown parameter for method {space.method!r}; allowed: {', '.join(allowed)}")
     searched = set(space.search)
+    endpoints = {}  # every value the search can propose lies between these: checked below
     for name, param in space.search.items():
         key = f"search.{name}"
         if name not in allowed:
@@ -232,8 +237,7 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
             if param.type == "loguniform" and param.low <= 0:
                 raise _fail(path, f"{key}.low", f"must be positive for loguniform, but got {param.low}")
             ends = {f"{key}.low": param.low, f"{key}.high": param.high}
-        for where, value in ends.items():  # every value the search can propose lies between these
-            check_values(space, space.method, {name: value}, path, where)
+        endpoints.update({where: (name, value) for where, value in ends.items()})
         for other, values in (param.when or {}).items():
             if other not in searched or space.search[other].type != "categorical":
                 raise _fail(path, f"{key}.when.{other}", "must name another searched categorical parameter")
@@ -265,7 +269,10 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
                        ("resources.gpus_per_worker", space.resources.gpus_per_worker)):
         if not value > 0:
             raise _fail(path, key, f"must be positive, but got {value}")
-    check_values(space, space.method, {name: _example(p) for name, p in space.search.items()}, path, "fixed")
+    check_values(space, space.method, {}, path, "fixed")
+    for where, (name, value) in endpoints.items():
+        check_values(space, space.method, {name: value}, path, where)
+    check_values(space, space.method, {name: _example(p) for name, p in space.search.items()}, path, "search")
     if space.method != "none":
         check_pair(space, path)
     return space

@@ -15,10 +15,11 @@ import dataclasses
 import json
 import netrc
 import os
+import re
 import sys
 from pathlib import Path
 
-from dmkd.errors import run_command
+from dmkd.errors import UserError, run_command
 from dmkd.provenance import provenance
 from dmkd.train import parse_assignment
 from orchestrator.space import describe, load_space, paper_default_point
@@ -54,7 +55,19 @@ def has_wandb_key() -> bool:
 
 def resolve_storage(storage: str) -> str:
     """A cloud URI as given; a folder as an absolute path (Ray workers do not share the driver's cwd)."""
-    return storage if "://" in storage else str(Path(storage).resolve())
+    if "://" in storage:
+        return storage
+    if Path(storage).exists() and not Path(storage).is_dir():
+        raise UserError(f"--storage: {storage} exists and is not a folder")
+    return str(Path(storage).resolve())
+
+
+def check_name(name: str) -> str:
+    """An experiment name is one plain folder name inside --storage."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        raise UserError(f"--name: {name!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' "
+                        f"or '..'), since the experiment lives in STORAGE/NAME")
+    return name
 
 
 def resolve_wandb_mode(asked: str | None) -> str:
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         space = resolve_space(args)
-        name = args.name or space.name
+        name = check_name(args.name or space.name)
         storage = resolve_storage(args.storage)
         wandb_mode = resolve_wandb_mode(args.wandb)
         the_plan = plan(space, name, storage, wandb_mode, args.address)

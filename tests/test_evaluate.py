@@ -73,3 +73,20 @@ def test_cli_errors_are_one_line(ground_truth, tmp_path, content, problem):
     assert run.stdout == ""
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and str(results) in lines[0] and problem in lines[0]
+
+
+def test_metric_names_against_known_per_size_answers(tmp_path):
+    """A small box found exactly, a medium box missed, no large box: APs 1, APm 0, APl -1 and AP in
+    between pin every figure to its name (swapping two names fails here)."""
+    images = [{"id": 1, "file_name": "1.png", "width": 200, "height": 200}]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "area": 100, "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [100, 100, 40, 40], "area": 1600, "iscrowd": 0},
+    ]
+    path = write_coco(tmp_path, images, annotations, [{"id": 1, "name": "a"}])
+    found = coco_evaluate(load_coco(path), [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "score": 0.9}])
+    # one of two objects found at precision 1: COCO's 101 recall points 0.00..0.50 have precision 1
+    half = 51 / 101
+    expected = {"AP": half, "AP50": half, "AP75": half, "APs": 1.0, "APm": 0.0, "APl": -1.0,
+                "AR1": 0.5, "AR10": 0.5, "AR100": 0.5, "ARs": 1.0, "ARm": 0.0, "ARl": -1.0}
+    assert found == pytest.approx(expected, abs=1e-5)

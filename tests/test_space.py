@@ -49,6 +49,33 @@ BAD = {
     "bad backbone": (lambda d: d["pair"]["student"].update(backbone="vgg"), "pair.student.backbone: unknown backbone 'vgg'"),
     "no teacher": (lambda d: d["pair"].update(train_teacher=False), "pair.teacher_checkpoint: set a checkpoint path"),
     "fixed unknown": (lambda d: d["fixed"].update(momentum=0.9), "fixed.momentum: unknown parameter"),
+    # values, not only structure: each would have failed inside a trial, some after the teacher trained
+    "batch size 0": (lambda d: d["fixed"].update(batch_size=0), "fixed: batch_size: must be at least 1, but got 0"),
+    "negative lr": (lambda d: d["fixed"].update(lr=-0.01), "fixed: lr: must be positive, but got -0.01"),
+    "ratio 1.5": (lambda d: d["fixed"].update(spatial_ratio=1.5) or d["search"].pop("spatial_ratio"),
+                  "fixed: spatial_ratio must lie in [0, 1] for mask_mode 'topk', but got 1.5"),
+    "alpha abc": (lambda d: d["fixed"].update(alpha="abc") or d["search"].pop("alpha"), "alpha: must be a number, but got 'abc'"),
+    "negative weight": (lambda d: d["fixed"].update(alpha=-1e-5) or d["search"].pop("alpha"),
+                        "alpha must be a finite number >= 0"),
+    "range above domain": (lambda d: d["search"]["spatial_ratio"].update(high=1.5),
+                           "search.spatial_ratio.high: spatial_ratio must lie in [0, 1]"),
+    "temperature below 0": (lambda d: d["search"]["temperature"].update(low=-1.0),
+                            "search.temperature.low: temperature must be a finite number > 0, but got -1.0"),
+    "unknown choice": (lambda d: d["search"].update(mask_mode={"type": "categorical", "choices": ["topk", "random"]}),
+                       "search.mask_mode.choices[1]: mask_mode must be one of topk, threshold, bernoulli, but got 'random'"),
+    "choices as a string": (lambda d: d["search"].update(mask_mode={"type": "categorical", "choices": "topk"}),
+                            "search.mask_mode.choices: must be a list, but got 'topk'"),
+    "when never holds": (lambda d: d["search"].update(mask_mode={"type": "categorical", "choices": ["topk"]},
+                                                      alpha={"type": "loguniform", "low": 1e-6, "high": 1e-4,
+                                                             "when": {"mask_mode": ["bernoulli"]}}),
+                         "search.alpha.when.mask_mode: must list some of mask_mode's choices"),
+    "unreported metric": (lambda d: d["objective"].update(metric="val/mAP"), "objective.metric: no trial reports 'val/mAP'"),
+    "test split as objective": (lambda d: d["objective"].update(metric="test/AP"), "objective.metric: no trial reports 'test/AP'"),
+    "max_iters 0": (lambda d: d["budget"].update(max_iters=0), "budget.max_iters: must be at least 1, but got 0"),
+    "grace period too long": (lambda d: d["scheduler"].update(grace_period=3), "scheduler.grace_period: must be less than budget.epochs (3)"),
+    "pair cannot be distilled": (lambda d: d["pair"]["student"].update(arch="fasterrcnn"),
+                                 "pair: the teacher's FPN levels"),
+    "test without val": (lambda d: d["data"].update(test_ann="t.json", test_images="t"), "data.test_ann: give test_ann"),
 }
 
 
@@ -126,3 +153,13 @@ def test_cli_bad_space_is_one_line(tmp_path):
     run = _sweep_cli("--space", str(path), "--dry-run")
     assert run.returncode == 2
     assert run.stderr.strip() == f"error: {path}: num_samples: must be at least 1, but got 0"
+
+
+def test_dry_run_catches_bad_values_before_anything_is_written(tmp_path, capsys):
+    from orchestrator.sweep import main
+
+    path = _write(tmp_path, lambda d: d["search"]["spatial_ratio"].update(high=1.5))
+    assert main(["--space", str(path), "--dry-run", "--storage", str(tmp_path / "exp")]) == 2
+    assert "search.spatial_ratio.high" in capsys.readouterr().err
+    assert main(["--space", str(path), "--storage", str(tmp_path / "exp"), "--wandb", "off"]) == 2  # not a dry run
+    assert not (tmp_path / "exp").exists()
