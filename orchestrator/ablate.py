@@ -163,7 +163,7 @@ def tune_rows(grid: Grid, setup: dict, *, storage: str, name: str, wandb_mode: s
     """Tune every row with searchable parameters, one Optuna study each with the same budget; returns
     the rows with their chosen parameters, and what each tuning run searched, ran and chose."""
     from orchestrator.results import trial_rows, write_results
-    from orchestrator.runner import build_tuner
+    from orchestrator.runner import build_tuner, check_finished
 
     if grid.tune.trials == 0:
         return grid.rows, {}
@@ -179,6 +179,7 @@ def tune_rows(grid: Grid, setup: dict, *, storage: str, name: str, wandb_mode: s
               f"searching {', '.join(space.search)}", flush=True)
         row_setup = {**setup, "train_storage": f"{folder}/{row_name}/train"}
         result_grid = build_tuner(space, row_name, folder, row_setup, wandb_mode, resume=False, job_type="tune").fit()
+        check_finished(result_grid, f"tuning of row {row_name}")
         results = trial_rows(result_grid, space)
         best = write_results(results, Path(folder) / row_name, space)
         chosen = {k.split("/", 1)[1]: v for k, v in (best or {}).items() if k.startswith("param/") and v is not None}
@@ -237,6 +238,7 @@ def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, addres
                                                                               job_type="ablation", rows=distilled),
                                               failure_config=tune.FailureConfig(max_failures=0), verbose=1))
             result_grid = tuner.fit()
+            runner.check_finished(result_grid, "the ablation")
             failed, trials = sum(1 for result in result_grid if result.error is not None), len(result_grid)
     finally:
         if address is None:

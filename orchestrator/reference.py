@@ -44,6 +44,7 @@ def ensure_references(space, seeds: list[int], setup: dict, cache_root: Path | N
     (the missing seeds together, as one small Tune run that a rerun continues)."""
     from ray import tune
 
+    from orchestrator.runner import check_finished
     from orchestrator.trial import run_trial, trial_dirname
 
     if cache_root is None:
@@ -66,7 +67,9 @@ def ensure_references(space, seeds: list[int], setup: dict, cache_root: Path | N
                                                            trial_dirname_creator=trial_dirname),
                                run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=0,
                                                          failure_config=tune.FailureConfig(max_failures=0)))
-        for result in tuner.fit():
+        result_grid = tuner.fit()
+        check_finished(result_grid, "the reference training")
+        for result in result_grid:
             seed = result.config["seed"]
             if result.error is not None:
                 raise UserError(f"reference: the undistilled student failed for seed {seed}: "

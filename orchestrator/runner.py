@@ -64,6 +64,13 @@ def data_paths(space) -> dict:
     return ensure_mini_benchmark(Path(d.mini_dir).resolve())
 
 
+def check_finished(result_grid, what: str) -> None:
+    """Tune returns normally when Ctrl-C stops an experiment; trials that neither finished nor failed
+    mean it was interrupted, and nothing may be taken from it as final."""
+    if result_grid.num_terminated + result_grid.num_errors < len(result_grid):
+        raise KeyboardInterrupt(f"{what} was interrupted")
+
+
 def write_reference(experiment: Path, references: dict) -> None:
     """The experiment's copy of its reference rows (the report reads only the experiment folder)."""
     if references:
