@@ -22,6 +22,8 @@ def trial_rows(result_grid, space) -> list[dict]:
             status = "failed"
         elif epochs >= space.budget.epochs:
             status = "completed"
+        elif epochs == 0 or space.scheduler.type == "none":  # no scheduler stop: Ctrl-C ended it
+            status = "unfinished"
         else:
             status = "stopped early"
         trial_id = metrics.get("trial_id") or _trial_id(result)

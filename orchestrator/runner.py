@@ -188,7 +188,12 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
         print(f"report: {write_report(experiment)}")
     if wandb_mode == "offline":
         print(f"wandb: offline runs under {experiment / 'wandb'}; upload them with `wandb sync {experiment / 'wandb'}/offline-run-*`")
+    # Ctrl-C makes Tune return normally: a trial that neither finished nor failed means the sweep is unfinished
+    interrupted = result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+    if interrupted:
+        print("sweep: interrupted before every trial finished; rerun the same command to continue", flush=True)
     finished = [r for r in rows if r["status"] in ("completed", "stopped early")]
-    return {"rows": rows, "best": best, "completed": len(finished) == len(rows) and len(rows) == space.num_samples}
+    completed = not interrupted and len(finished) == len(rows) and len(rows) == space.num_samples
+    return {"rows": rows, "best": best, "completed": completed}
 
 

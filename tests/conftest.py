@@ -41,3 +41,15 @@ def mini_data(tmp_path_factory) -> dict[str, str]:
 
     folder = tmp_path_factory.mktemp("mini")
     return ensure_mini_benchmark(folder, SyntheticSpec(train_images=32, val_images=16, test_images=8))
+
+
+@pytest.fixture
+def small_coco(tmp_path):
+    """One 32x32 image with one box: the smallest data set a training run accepts."""
+    folder = tmp_path / "img"
+    folder.mkdir()
+    save_image(folder / "a.png", 32, 32)
+    ann = write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
+                     [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0}],
+                     [{"id": 1, "name": "a"}])
+    return ann, folder

@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 from dmkd.config import to_dict
 from dmkd.models import DetectorConfig
 from dmkd.train import TrainConfig, fit
-from tests.conftest import save_image, write_coco
 
 TINY = DetectorConfig(backbone="resnet10_quarter", fpn_channels=64, image_size=96, head_convs=1)
 
@@ -134,17 +133,6 @@ def test_two_process_gloo_ddp(mini_data, tmp_path):
 def _train_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "dmkd.train", *args], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-
-
-@pytest.fixture
-def small_coco(tmp_path):
-    folder = tmp_path / "img"
-    folder.mkdir()
-    save_image(folder / "a.png", 32, 32)
-    ann = write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
-                     [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0}],
-                     [{"id": 1, "name": "a"}])
-    return ann, folder
 
 
 def _bad_inputs(tmp_path, small_coco):

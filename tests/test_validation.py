@@ -9,19 +9,11 @@ import torch
 
 from dmkd import evaluate, split, train
 from orchestrator import ablate, report, sweep
-from tests.conftest import save_image, write_coco
 
 
 @pytest.fixture
-def coco(tmp_path):
-    """One 32x32 image with one box: the smallest data set a training run accepts."""
-    folder = tmp_path / "img"
-    folder.mkdir()
-    save_image(folder / "a.png", 32, 32)
-    ann = write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
-                     [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0}],
-                     [{"id": 1, "name": "a"}])
-    return ann, folder
+def coco(small_coco):
+    return small_coco
 
 
 def _train_args(coco, out, *extra):
