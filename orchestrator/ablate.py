@@ -142,7 +142,7 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     needs_teacher = any(row["method"] != "none" for row in rows.values())
     if needs_teacher and not (space.pair.teacher_checkpoint or space.pair.train_teacher):
         raise UserError(f"{base}: pair.teacher_checkpoint: set a checkpoint path, or train_teacher: true")
-    if needs_teacher:
+    if needs_teacher and space.method == "none":  # load_space checked the pair already for a distilling base
         check_pair(space, base)
     return Grid(name=str(data.get("name", "ablation")), space=space, rows=rows,
                 seeds=[space.seed + i for i in range(count)], tune=tune)
