@@ -1,6 +1,8 @@
 """torch.distributed helpers that also work when no process group is initialised."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -14,6 +16,20 @@ def is_distributed() -> bool:
     and halves the speed of the training loop (BENCHMARKS.md, orchestration overhead).
     """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def join_torchrun_group(device: str) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL with one GPU per local rank when training on CUDA,
+    gloo on CPU. True when this call created the group (the caller destroys it); False outside
+    torchrun, for a one-process torchrun, or where a group exists already (Ray Train made it)."""
+    if dist.is_initialized() or "LOCAL_RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    return True
 
 
 def rank() -> int:

@@ -1,6 +1,7 @@
 """What a run needs to be reproduced: git commit, package versions, machine."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -31,6 +32,19 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows, with the core count."""
+    name = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def provenance() -> dict:

@@ -530,12 +530,18 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.resume and not (Path(cfg.out) / CHECKPOINT_NAME).is_file():
             raise UserError(f"--resume: {Path(cfg.out) / CHECKPOINT_NAME}: not found (nothing to continue; "
                             f"leave out --resume to start a new run)")
+        joined = dist_utils.join_torchrun_group(cfg.device)  # under torchrun: one process per device
+        main_rank = dist_utils.is_main()
         try:
             final = fit(cfg)
         except NonFiniteLossError as error:
             raise UserError(f"{error}; lower the loss weights (--distill) or the learning rate") from None
-        summary = {k: v for k, v in final.items() if k.startswith("val/")}
-        print(json.dumps({"out": cfg.out, "epochs": final.get("epoch"), **summary}))
+        finally:
+            if joined:
+                torch.distributed.destroy_process_group()
+        if main_rank:
+            summary = {k: v for k, v in final.items() if k.startswith(("val/", "test/"))}
+            print(json.dumps({"out": cfg.out, "epochs": final.get("epoch"), **summary}))
         return 0
 
     return run_command(run, interrupted="the last finished epoch is in the checkpoint; rerun with --resume")

@@ -178,7 +178,8 @@ def tune_rows(grid: Grid, setup: dict, *, storage: str, name: str, wandb_mode: s
         print(f"tune: {row_name} ({row['method']}): {space.num_samples} trials x {space.budget.epochs} epochs, "
               f"searching {', '.join(space.search)}", flush=True)
         row_setup = {**setup, "train_storage": f"{folder}/{row_name}/train"}
-        result_grid = build_tuner(space, row_name, folder, row_setup, wandb_mode, resume=False, job_type="tune").fit()
+        result_grid = build_tuner(space, row_name, folder, row_setup, wandb_mode, resume=False, job_type="tune",
+                                  reference_file=Path(storage) / name / "reference.json").fit()
         check_finished(result_grid, f"tuning of row {row_name}")
         results = trial_rows(result_grid, space)
         best = write_results(results, Path(folder) / row_name, space)
@@ -234,8 +235,11 @@ def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, addres
                     tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent,
                                                 trial_dirname_creator=trial_dirname),
                     run_config=tune.RunConfig(name=name, storage_path=storage,
-                                              callbacks=runner.wandb_callback(space, experiment, wandb_mode,
-                                                                              job_type="ablation", rows=distilled),
+                                              callbacks=runner.tune_callbacks(*runner.wandb_callback(
+                                                  space, experiment, wandb_mode, setup=setup, job_type="ablation",
+                                                  reference_file=experiment / "reference.json", rows=distilled)),
+                                              progress_reporter=runner.StatusTable(
+                                                  f"ablation: {name}, {space.pair_name}", space.objective, ["row", "seed"]),
                                               failure_config=tune.FailureConfig(max_failures=0), verbose=1))
             result_grid = tuner.fit()
             runner.check_finished(result_grid, "the ablation")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 from dmkd.config import to_dict
@@ -39,12 +40,13 @@ def _kept(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k.startswith(KEPT) and isinstance(v, (int, float))}
 
 
-def ensure_references(space, seeds: list[int], setup: dict, cache_root: Path | None, log=print) -> dict[int, dict]:
+def ensure_references(space, seeds: list[int], setup: dict, cache_root: Path | None,
+                      log=partial(print, flush=True)) -> dict[int, dict]:
     """``{seed: {"history": [per-epoch figures], "final": {...}}}`` for each seed, trained when missing
     (the missing seeds together, as one small Tune run that a rerun continues)."""
     from ray import tune
 
-    from orchestrator.runner import check_finished
+    from orchestrator.runner import StatusTable, check_finished, tune_callbacks
     from orchestrator.trial import run_trial, trial_dirname
 
     if cache_root is None:
@@ -65,7 +67,10 @@ def ensure_references(space, seeds: list[int], setup: dict, cache_root: Path | N
             tuner = tune.Tuner(trainable, param_space={"row": "none", "seed": tune.grid_search(missing)},
                                tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent,
                                                            trial_dirname_creator=trial_dirname),
-                               run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=0,
+                               run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=1,
+                                                         callbacks=tune_callbacks(),
+                                                         progress_reporter=StatusTable(
+                                                             f"reference: none, {space.pair_name}", space.objective, ["seed"]),
                                                          failure_config=tune.FailureConfig(max_failures=0)))
         result_grid = tuner.fit()
         check_finished(result_grid, "the reference training")

@@ -26,6 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dmkd.errors import UserError, one_line  # noqa: E402
 from dmkd.io import atomic_write, atomic_write_json, read_json  # noqa: E402
+from orchestrator.fidelity import common_epoch, importances_at, rung_validity, value_at  # noqa: E402
+from orchestrator.results import trial_status  # noqa: E402
 
 FIGURES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 SIGNIFICANCE = 0.05  # a paired difference with p >= this is marked "n.s."
@@ -177,15 +179,39 @@ def _fmt(summary: dict) -> str:
     return text
 
 
-def pair_comparison(space: dict, teacher: dict | None, student_baseline, best_distilled) -> dict:
-    """Parameters, forward FLOPs and median CPU latency (batch 1) of teacher and student, with AP."""
+LATENCY_RUNS = 15
+LATENCY_BUDGET_S = 10.0
+
+
+def cpu_latency(model, image) -> dict:
+    """Forward latency of ``model`` on ``image`` on this CPU: 2 warm-up runs, then up to LATENCY_RUNS
+    runs (fewer if they pass LATENCY_BUDGET_S). The minimum is the figure to compare: other work on the
+    machine only ever adds time, so the fastest run is the least disturbed one."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(2):
+            model(image)
+        times, started = [], time.perf_counter()
+        while len(times) < LATENCY_RUNS and (len(times) < 3 or time.perf_counter() - started < LATENCY_BUDGET_S):
+            begin = time.perf_counter()
+            model(image)
+            times.append(1000 * (time.perf_counter() - begin))
+    return {"min_ms": min(times), "median_ms": statistics.median(times), "runs": len(times),
+            "threads": torch.get_num_threads()}
+
+
+def pair_comparison(space: dict, teacher: dict | None, student_baseline, best_distilled, split: str = "val") -> dict:
+    """Parameters, forward FLOPs and CPU latency (batch 1, see :func:`cpu_latency`) of teacher and
+    student, with AP on ``split`` (the split the students' figures are on)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from dmkd.config import from_dict
     from dmkd.models import DetectorConfig, build_detector
+    from dmkd.provenance import cpu_name
 
-    result = {}
+    result = {"machine": cpu_name()}
     for role in ("teacher", "student"):
         cfg = from_dict(DetectorConfig, space["pair"][role], where=f"pair.{role}")
         model = build_detector(cfg).eval()
@@ -194,14 +220,11 @@ def pair_comparison(space: dict, teacher: dict | None, student_baseline, best_di
             counter = FlopCounterMode(display=False)
             with counter:
                 model(image)
-            times = []
-            for _ in range(5):
-                started = time.perf_counter()
-                model(image)
-                times.append(time.perf_counter() - started)
+        latency = cpu_latency(model, image)
         result[role] = {"detector": space["pair"][role], "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-                        "gflops": counter.get_total_flops() / 1e9, "latency_ms_cpu": 1000 * statistics.median(times[1:])}
-    result["teacher"]["AP"] = teacher.get("val/AP") if teacher else None
+                        "gflops": counter.get_total_flops() / 1e9, "latency_ms_cpu": latency["min_ms"],
+                        "latency": latency}
+    result["teacher"]["AP"] = teacher.get(f"{split}/AP") if teacher else None
     result["student"]["AP_without_distillation"] = student_baseline
     result["student"]["AP_best_distilled"] = best_distilled
     return result
@@ -230,16 +253,33 @@ def _plot_epochs(groups: dict[str, list[list[dict]]], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_scatter(trials: list[dict], params: list[str], path: Path) -> None:
-    fig, axes = plt.subplots(1, max(1, len(params)), figsize=(3.5 * max(1, len(params)), 3.2), squeeze=False)
+def _plot_scatter(trials: list[dict], params: list[str], path: Path, log_scaled: set[str], epoch: int | None,
+                  reached: int) -> None:
+    """Each searched parameter against val AP at one epoch (the largest that enough trials reached), so
+    that every point had the same budget; trials stopped at that epoch are drawn hollow."""
+    from matplotlib.ticker import LogLocator
+
+    fig, axes = plt.subplots(1, max(1, len(params)), figsize=(3.5 * max(1, len(params)), 3.6), squeeze=False)
     for axis, name in zip(axes[0], params):
-        points = [(t["config"].get(name), _figure(t["history"], "AP")) for t in trials]
-        points = [(x, y) for x, y in points if isinstance(x, (int, float)) and y is not None]
-        axis.scatter([p[0] for p in points], [p[1] for p in points])
+        for stopped in (False, True):
+            points = [(t["config"].get(name), value_at(t["history"], "val/AP", epoch)) for t in trials
+                      if t["history"] and (t["history"][-1].get("epoch") == epoch) == stopped]
+            points = [(x, y) for x, y in points if isinstance(x, (int, float)) and y is not None]
+            if points:
+                axis.scatter([p[0] for p in points], [p[1] for p in points], facecolors="none" if stopped else "C0",
+                             edgecolors="C0", label="ended at this epoch" if stopped else "ran longer")
         axis.set_xlabel(name)
-        axis.set_ylabel("val AP")
-        if name == "alpha":
+        axis.set_ylabel(f"val AP at epoch {epoch}")
+        if name in log_scaled:
             axis.set_xscale("log")
+            axis.xaxis.set_major_locator(LogLocator(numticks=4))  # a few decades, not a label per tick
+        else:
+            axis.locator_params(axis="x", nbins=4)
+        axis.tick_params(labelsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][0].legend(handles, labels, fontsize=7)
+    fig.suptitle(f"val AP at epoch {epoch}: the {reached} trials that reached it", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -312,7 +352,7 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
         rows = []
         for t in trials:
             last = t["history"][-1] if t["history"] else {}
-            status = "failed" if t["error"] else "completed" if last.get("epoch") == budget else "stopped early"
+            status = trial_status(t["error"] is not None, last.get("epoch", 0), budget, space["scheduler"]["type"])
             rows.append({"trial_id": t["trial_id"], **{p: t["config"].get(p) for p in params},
                          **{f: _figure(t["history"], f) for f in FIGURES}, "epochs": last.get("epoch", 0),
                          "status": status, "error": t["error"] or ""})
@@ -320,45 +360,65 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
         references = reference_trials(experiment, "none")
         baseline = _figure(references[0]["history"], "AP") if references else None
         for r in rows:
-            r["delta_AP"] = r["AP"] - baseline if r["AP"] is not None and baseline is not None else None
+            full = r["epochs"] == budget  # the reference ran the full budget: a stopped trial has no Δ
+            r["delta_AP"] = r["AP"] - baseline if full and r["AP"] is not None and baseline is not None else None
         report["leaderboard"] = rows
         report["reference_AP"] = baseline
         lines += ["## Leaderboard (val split)", "",
                   f"Student without distillation (same budget and seed): val AP {_num(baseline)}; Δ AP is each trial's "
-                  f"difference to it (one seed: no confidence interval; the ablation runner gives paired statistics).", "",
-                  "| trial | " + " | ".join(params) + " | AP | Δ AP | AP50 | AP75 | epochs | status |",
+                  f"difference to it at the full budget (one seed: no confidence interval; the ablation runner gives paired "
+                  f"statistics). AP is measured at the epoch given; trials stopped early have no Δ.", "",
+                  "| trial | " + " | ".join(params) + " | AP | Δ AP | AP50 | AP75 | at epoch | status |",
                   "|---|" + "---|" * (len(params) + 6)]
         for r in rows:
             cells = [f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p]) for p in params]
             delta = f"{r['delta_AP']:+.3f}" if r["delta_AP"] is not None else "-"
             figures = [_num(r["AP"]), delta, _num(r["AP50"]), _num(r["AP75"])]
             lines.append(f"| {r['trial_id']} | " + " | ".join(cells + figures) + f" | {r['epochs']} | {r['status']} |")
-        importances = _importances(experiment, space)
+        objective = space["objective"]
+        rungs = rung_validity(trials, budget, objective["metric"])
+        report["rungs"] = rungs
+        if rungs:
+            lines += ["", "## Early stopping: do the stopping epochs rank trials like the last one?", "",
+                      f"Spearman correlation between {objective['metric']} at each epoch where trials were stopped and "
+                      f"at epoch {budget}, over the trials that completed:", ""]
+            for rung in rungs:
+                rho = f"{rung['spearman']:.2f}" if rung["spearman"] is not None else "n/a"
+                lines.append(f"- epoch {rung['epoch']} (stopped {rung['stopped']} trials): Spearman {rho} over "
+                             f"{rung['completed']} completed trials" + (f". **Warning: {rung['warning']}**" if rung["warning"] else ""))
+        epoch, reached = common_epoch(trials, "val/AP")
+        report["compared_at_epoch"] = epoch
+        importances, skipped = importances_at(trials, space.get("search", {}), objective["metric"], epoch)
         report["importances"] = importances
+        lines += ["", f"## Parameter importances (Optuna fANOVA, {objective['metric']} at epoch {epoch})", ""]
         if importances:
-            lines += ["", "## Parameter importances (Optuna, fANOVA)", "", "| parameter | importance |", "|---|---|",
-                      *[f"| {k} | {v:.3f} |" for k, v in importances.items()]]
+            lines += ["| parameter | importance |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in importances.items()]]
+        else:
+            lines.append(skipped)
         best_distilled = rows[0]["AP"] if rows else None
         _plot_epochs({t["trial_id"]: [t["history"]] for t in trials if t["history"]}, out / "ap_per_epoch.png")
-        _plot_scatter(trials, params, out / "param_scatter.png")
+        log_scaled = {k for k, v in space.get("search", {}).items() if v.get("type") == "loguniform"}
+        _plot_scatter(trials, params, out / "param_scatter.png", log_scaled, epoch, reached)
         plots += ["ap_per_epoch.png", "param_scatter.png"]
-        objective = space["objective"]
         if objective.get("second_metric"):
             front = _plot_pareto(trials, objective["metric"], objective["second_metric"],
                                  (objective["mode"], objective["second_mode"]), out / "pareto.png")
             report["pareto_front"] = front
             plots.append("pareto.png")
 
-    pair = pair_comparison(space, teacher, baseline, best_distilled)
-    report["pair"] = pair
     split = reporting_split(trials) if kind == "ablation" else "val"
-    lines += ["", "## Teacher and student", "", f"| | params (M) | GFLOPs (1 image) | CPU latency (ms, batch 1) | {split} AP |",
+    pair = pair_comparison(space, teacher, baseline, best_distilled, split)
+    report["pair"] = pair
+    latency = pair["teacher"]["latency"]
+    lines += ["", "## Teacher and student", "", f"| | params (M) | GFLOPs (1 image) | CPU latency (ms, batch 1, fastest of {latency['runs']}) | {split} AP |",
               "|---|---|---|---|---|",
               f"| teacher | {pair['teacher']['params_M']:.2f} | {pair['teacher']['gflops']:.2f} | "
               f"{pair['teacher']['latency_ms_cpu']:.1f} | {_num(pair['teacher']['AP'])} |",
               f"| student, no distillation | {pair['student']['params_M']:.2f} | {pair['student']['gflops']:.2f} | "
               f"{pair['student']['latency_ms_cpu']:.1f} | {_num(baseline)} |",
               f"| student, best distilled | | | | {_num(best_distilled)} |", "",
+              f"Latency measured on {pair['machine']}, {latency['threads']} torch threads, while the report was "
+              f"written (the fastest run is the least disturbed by other work on the machine).", "",
               *[f"![{p}]({p})" for p in plots]]
     atomic_write(out / "report.md", lambda handle: handle.write("\n".join(lines) + "\n"))
     atomic_write_json(out / "report.json", report)
@@ -437,19 +497,6 @@ def _num(value) -> str:
     if isinstance(value, (int, float)) and value < 0:  # COCOeval's -1: no ground truth of that size
         return "n/a"
     return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
-
-
-def _importances(experiment: Path, space: dict) -> dict:
-    db = experiment / "optuna.db"
-    if not db.is_file():
-        return {}
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{db}")  # the sweep's --name
-        return dict(optuna.importance.get_param_importances(study))
-    except (RuntimeError, ValueError, KeyError):  # too few finished trials, or one parameter only
-        return {}
 
 
 def _write_csv(path: Path, report: dict) -> None:

@@ -11,6 +11,17 @@ from dmkd.io import atomic_write, atomic_write_json
 FIGURES = ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl")
 
 
+def trial_status(failed: bool, epochs: int, budget: int, scheduler: str) -> str:
+    """failed, completed, stopped early (by the scheduler) or unfinished (interrupted: rerun to continue)."""
+    if failed:
+        return "failed"
+    if epochs >= budget:
+        return "completed"
+    if epochs == 0 or scheduler == "none":  # no scheduler stop: Ctrl-C ended it
+        return "unfinished"
+    return "stopped early"
+
+
 def trial_rows(result_grid, space) -> list[dict]:
     """One row per trial: id, searched parameters, figures, epochs run, status."""
     rows = []
@@ -18,14 +29,7 @@ def trial_rows(result_grid, space) -> list[dict]:
         metrics = result.metrics or {}
         config = result.config or {}
         epochs = int(metrics.get("epoch", 0) or 0)
-        if result.error is not None:
-            status = "failed"
-        elif epochs >= space.budget.epochs:
-            status = "completed"
-        elif epochs == 0 or space.scheduler.type == "none":  # no scheduler stop: Ctrl-C ended it
-            status = "unfinished"
-        else:
-            status = "stopped early"
+        status = trial_status(result.error is not None, epochs, space.budget.epochs, space.scheduler.type)
         trial_id = metrics.get("trial_id") or _trial_id(result)
         objectives = [m for m in (space.objective.metric, space.objective.second_metric) if m and m not in FIGURES]
         row = {"trial": f"run_trial_{trial_id}", "trial_id": trial_id,

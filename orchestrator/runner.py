@@ -1,6 +1,7 @@
 """The driver of a sweep: owns the local Ray (or joins a cluster), the teacher, and the Tuner."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -8,47 +9,95 @@ import optuna
 import ray
 from ray import tune
 from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.utils.util import warn_if_slow
 
 from dmkd.errors import UserError
 from dmkd.io import atomic_write_json
+from dmkd.provenance import provenance
 from dmkd.synthetic import ensure_mini_benchmark
 from orchestrator.reference import ensure_references, reference_cache
 from orchestrator.results import leaderboard, trial_rows, write_results
 from orchestrator.searcher import PruningAwareOptunaSearch
 from orchestrator.space import define_by_run, paper_default_point
 from orchestrator.teacher import ensure_teacher, evaluate_teacher
-from orchestrator.trial import ATTENTION_PNG, run_trial, trial_dirname
+from orchestrator.trial import ATTENTION_PNG, flat_run_config, run_name, run_trial, trial_dirname, trial_train_config
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
 
 
 class DMKDWandbCallback(WandbLoggerCallback):
-    """One W&B run per trial, tagged per trial (an ablation's row and seed), with the attention/mask PNG
-    that the trial's last checkpoint holds (local storage only)."""
+    """One W&B run per trial: the trial's full resolved config as flat keys (``flat_run_config``), a
+    readable name, tags per method, row and seed; at the full budget, Δ AP against the undistilled
+    student of the same seed (when the reference is known); the attention/mask PNG that the trial's
+    last checkpoint holds (local storage only)."""
 
-    def __init__(self, *args, rows: dict | None = None, **kwargs):
+    def __init__(self, *args, space, setup: dict, reference_file: Path | None, rows: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._rows = rows or {}
-        self._base_tags = list(kwargs.get("tags", []))
+        self._space, self._setup, self._rows = space, setup, rows or {}
+        self._reference_file, self._reference = reference_file, None
+        self._versions = provenance()
+        self._seeds: dict = {}
 
     def log_trial_start(self, trial):
-        config = trial.config or {}
-        if "row" in config and config["row"] in self._rows:
-            method = self._rows[config["row"]]["method"]
-            self.kwargs["tags"] = [method, f"variant:{config['row']}", f"seed:{config.get('seed')}"]
-        else:
-            self.kwargs["tags"] = self._base_tags
+        config = dict(trial.config or {})
+        row = config.get("row")
+        cfg = trial_train_config(config, space=self._space, setup=self._setup, rows=self._rows)
+        self._seeds[trial] = cfg.seed
+        self.kwargs.update(tags=[cfg.method, f"variant:{row or cfg.method}", f"seed:{cfg.seed}"], name=run_name(cfg, row),
+                           config=flat_run_config(cfg, space=self._space, row=row, versions=self._versions))
         super().log_trial_start(trial)
 
+    def _reference_final(self, seed) -> dict | None:
+        if self._reference is None and self._reference_file is not None and self._reference_file.is_file():
+            self._reference = json.loads(self._reference_file.read_text())
+        return ((self._reference or {}).get(str(seed)) or {}).get("final")
+
     def log_trial_result(self, iteration, trial, result):
+        extra = {}
+        value = result.get("val/AP")
+        if isinstance(value, (int, float)):
+            reference = self._reference_final(self._seeds.get(trial))
+            if reference and result.get("epoch") == self._space.budget.epochs == reference.get("epoch"):
+                extra["val/delta_AP"] = value - reference["val/AP"]
         path = result.get("checkpoint_path")
         if path and os.path.isfile(os.path.join(path, ATTENTION_PNG)):
             import wandb
 
-            result = {**result, "attention": wandb.Image(os.path.join(path, ATTENTION_PNG))}
-        super().log_trial_result(iteration, trial, result)
+            extra["attention"] = wandb.Image(os.path.join(path, ATTENTION_PNG))
+        super().log_trial_result(iteration, trial, {**result, **extra})
+
+    def __del__(self):
+        try:
+            super().__del__()
+        except AttributeError:  # interpreter exit: Ray's module globals are gone; on_experiment_end cleaned up
+            pass
+
+
+class StatusTable(tune.CLIReporter):
+    """Tune's status table with the columns a user of a sweep looks at: the searched parameters (or an
+    ablation's row and seed), the epoch, val AP now and at the trial's best epoch, the objective, and
+    the best trial so far; ``header`` names what runs (method and pair)."""
+
+    def __init__(self, header: str, objective, parameters: list[str]):
+        metrics = {"epoch": "epoch", "val/AP": "val AP", "val/AP_best": "best val AP"}
+        for metric in (objective.metric, objective.second_metric):
+            if metric and metric not in metrics:
+                metrics[metric] = metric
+        super().__init__(metric_columns=metrics, parameter_columns=parameters, metric=objective.metric,
+                         mode=objective.mode, max_report_frequency=30, max_column_length=12)
+        self._header = header
+
+    def report(self, trials, done, *sys_info):
+        super().report(trials, done, self._header, *sys_info)
+
+
+def tune_callbacks(*extra) -> list:
+    """Tune's JSON and CSV loggers (result.json and progress.csv, which the results read) and
+    ``extra``; start_ray turns off the automatic loggers, whose TensorBoard files nothing here reads."""
+    return [JsonLoggerCallback(), CSVLoggerCallback(), *extra]
 
 
 def data_paths(space) -> dict:
@@ -77,12 +126,13 @@ def write_reference(experiment: Path, references: dict) -> None:
         atomic_write_json(experiment / "reference.json", {str(seed): found for seed, found in references.items()})
 
 
-def wandb_callback(space, experiment: Path, mode: str, job_type: str = "sweep", rows: dict | None = None):
+def wandb_callback(space, experiment: Path, mode: str, *, setup: dict, reference_file: Path | None,
+                   job_type: str = "sweep", rows: dict | None = None):
     if mode == "off":
         return []
     return [DMKDWandbCallback(project=space.wandb.project, entity=space.wandb.entity, group=space.pair_name,
-                              tags=[space.method, f"variant:{space.method}", f"seed:{space.seed}"], job_type=job_type,
-                              upload_timeout=WANDB_UPLOAD_TIMEOUT_S, log_config=False, dir=str(experiment), rows=rows)]
+                              job_type=job_type, upload_timeout=WANDB_UPLOAD_TIMEOUT_S, log_config=False,
+                              dir=str(experiment), space=space, setup=setup, reference_file=reference_file, rows=rows)]
 
 
 def wandb_env(mode: str, experiment: Path, storage: str) -> dict:
@@ -101,6 +151,15 @@ def teacher_cache(storage: str):
 
 
 def start_ray(address: str | None, space, env_vars: dict) -> None:
+    # The legacy output engine: the only one whose status table takes chosen columns (StatusTable).
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # tune_callbacks adds the two loggers we read
+    # Tune warns when handling one result takes over 0.5 s. Measured with py-spy: a trial's first result
+    # waits in the W&B callback's Queue.put for that trial's queue actor, whose process starts while the
+    # trial's own processes do (1.5 s on an idle 2-core machine, 3-5 s on a busy one); later puts take
+    # ~5 ms. The warning says nothing a user can act on at that size, so it speaks from 5 s (or from
+    # TUNE_WARN_THRESHOLD_S when set).
+    warn_if_slow.DEFAULT_THRESHOLD = float(os.environ.get("TUNE_WARN_THRESHOLD_S", 5.0))
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": env_vars}
@@ -114,7 +173,10 @@ def start_ray(address: str | None, space, env_vars: dict) -> None:
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False)
 
 
-def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, resume: bool, job_type: str = "sweep"):
+def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, resume: bool, job_type: str = "sweep",
+                reference_file: Path | None = None):
+    """The Tuner of a sweep (``reference_file``, default the experiment's reference.json, gives the
+    W&B runs their Δ AP)."""
     experiment = Path(storage) / name if "://" not in storage else None
     trainable = tune.with_parameters(run_trial, space=space, setup=setup)
     path = f"{storage.rstrip('/')}/{name}"
@@ -148,7 +210,11 @@ def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, re
                                     scheduler=scheduler, num_samples=space.num_samples,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage,
-                                  callbacks=wandb_callback(space, experiment or Path("."), wandb_mode, job_type=job_type),
+                                  callbacks=tune_callbacks(*wandb_callback(
+                                      space, experiment or Path("."), wandb_mode, setup=setup, job_type=job_type,
+                                      reference_file=reference_file or (experiment and experiment / "reference.json"))),
+                                  progress_reporter=StatusTable(f"{job_type}: {space.method}, {space.pair_name}",
+                                                                objective, list(space.search)),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )
 

@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import time
+from functools import partial
 from pathlib import Path
 
 import ray
+from ray.util.queue import Queue
 
 from dmkd.config import to_dict
 from dmkd.errors import UserError
+from dmkd.io import atomic_write
 from dmkd.train import CHECKPOINT_NAME, TrainConfig, fit
+
+PROGRESS_POLL_S = 2.0
+# What distillation and the report read from a cached teacher; the optimizer state (two thirds of the
+# training checkpoint) stays with the teacher's own training run, which is what resuming needs.
+CACHED_KEYS = ("model", "config", "history", "data")
 
 
 def teacher_config(space, data_paths: dict, out: Path) -> TrainConfig:
@@ -19,13 +27,44 @@ def teacher_config(space, data_paths: dict, out: Path) -> TrainConfig:
                                                          if k in ("batch_size", "num_workers", "device", "amp")})
 
 
-def _train(cfg_dict: dict) -> str:
+def _train(cfg_dict: dict, final: str, progress: Queue) -> str:
+    """Runs as a Ray task, on whichever node has the CPUs: trains (or resumes) the teacher, sends one
+    progress record per epoch through ``progress``, and writes the weights-only cache file ``final``."""
+    import torch
+
     cfg = TrainConfig.from_dict(cfg_dict)
-    fit(cfg, progress=False)
-    return str(Path(cfg.out) / CHECKPOINT_NAME)
+    started, first_epoch = time.monotonic(), []
+
+    def report(epoch: int, metrics: dict, _written) -> None:
+        first_epoch.append(epoch)
+        elapsed = time.monotonic() - started
+        per_epoch = elapsed / (epoch - first_epoch[0] + 1)  # epochs run by this task (a resume skips some)
+        progress.put({"epoch": epoch, "epochs": cfg.epochs, "loss": metrics.get("loss/total"),
+                      "val_AP": metrics.get("val/AP"), "elapsed_s": elapsed, "eta_s": per_epoch * (cfg.epochs - epoch)})
+
+    fit(cfg, progress=False, on_epoch_end=report)
+    state = torch.load(Path(cfg.out) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    atomic_write(final, lambda handle: torch.save({k: state[k] for k in CACHED_KEYS}, handle), mode="wb")
+    return final
 
 
-def ensure_teacher(space, data_paths: dict, cache_root: Path, log=print) -> str:
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def progress_line(record: dict) -> str:
+    """``teacher: epoch 3/8  loss 1.234  val AP 0.412  2m10s elapsed, ETA 3m15s``"""
+    parts = [f"teacher: epoch {record['epoch']}/{record['epochs']}"]
+    if record.get("loss") is not None:
+        parts.append(f"loss {record['loss']:.3f}")
+    if record.get("val_AP") is not None:
+        parts.append(f"val AP {record['val_AP']:.3f}")
+    parts.append(f"{_duration(record['elapsed_s'])} elapsed, ETA {_duration(record['eta_s'])}")
+    return "  ".join(parts)
+
+
+def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print, flush=True)) -> str:
     """The teacher checkpoint path: ``pair.teacher_checkpoint``, or the cached one for this teacher,
     data and seed, trained first (resumably) as a Ray task when missing."""
     if space.pair.teacher_checkpoint:
@@ -46,12 +85,25 @@ def ensure_teacher(space, data_paths: dict, cache_root: Path, log=print) -> str:
     log(f"teacher: training {space.pair.teacher.arch}/{space.pair.teacher.backbone} for "
         f"{space.pair.teacher_epochs} epochs as a Ray task, cached at {final}")
     cfg = teacher_config(space, data_paths, folder / "training")
-    resources = {"num_cpus": max(1, int(ray.available_resources().get("CPU", 1)) - 1)}
+    # All but one CPU of one node: a task runs on one node, so a cluster's total would never be placed.
+    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    resources = {"num_cpus": max(1, int(min(largest_node, ray.available_resources().get("CPU", 1))) - 1)}
     if space.resources.use_gpu:
         resources["num_gpus"] = 1
-    checkpoint = ray.get(ray.remote(**resources)(_train).remote(to_dict(cfg)))
-    os.replace(checkpoint, final)  # its presence means the teacher finished
-    return str(final)
+    # Ray's log forwarding is off (trials would flood the terminal): the task's epochs come back
+    # through a queue actor instead, from any node.
+    progress = Queue(actor_options={"num_cpus": 0})
+    try:
+        task = ray.remote(**resources)(_train).remote(to_dict(cfg), str(final), progress)
+        done = []
+        while not done:
+            done, _ = ray.wait([task], timeout=PROGRESS_POLL_S)
+            while not progress.empty():
+                log(progress_line(progress.get_nowait()))
+        ray.get(task)  # the task's own error, if it failed
+    finally:
+        progress.shutdown()
+    return str(final)  # its presence means the teacher finished
 
 
 def _evaluate(cfg_dict: dict, checkpoint: str) -> dict:

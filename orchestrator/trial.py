@@ -46,20 +46,26 @@ def train_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
     cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
-    resume_from, resumed_epoch = None, 0
+    resume_from, resumed_epoch, best = None, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group, or a restored sweep: continue from the last epoch
         with checkpoint.as_directory() as folder:
             if (Path(folder) / CHECKPOINT_NAME).is_file():
                 resume_from = local.with_name(local.name + "-resume.pt")  # beside, not inside, the checkpoint folder
                 shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
-                resumed_epoch = json.loads((Path(folder) / "metrics.json").read_text())["final"]["epoch"]
+                recorded = json.loads((Path(folder) / "metrics.json").read_text())
+                resumed_epoch = recorded["final"]["epoch"]
+                best = [e["val/AP"] for e in recorded["epochs"] if "val/AP" in e]
     node = ray.get_runtime_context().get_node_id()
     data = load_data(cfg)  # loaded once: the loop and the attention picture share data and teacher
     teacher, distiller = build_distillation(cfg, data.train.num_classes) if cfg.method != "none" else (None, None)
 
     def report(epoch: int, metrics: dict, written: Path | None) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if "val/AP" in metrics:
+            best.append(metrics["val/AP"])
+        if best:
+            metrics["val/AP_best"] = max(best)  # the best epoch so far (its checkpoint may not be kept)
         metrics.update(resumed_from_epoch=resumed_epoch, node_id=node)
         if written is None:
             ray.train.report(metrics, checkpoint=None)
@@ -82,20 +88,63 @@ def trial_dirname(trial) -> str:
     return f"run_trial_{trial.trial_id}"
 
 
-def run_trial(config: dict, *, space, setup: dict, rows: dict | None = None) -> None:
-    """The Tune trainable. ``config`` holds the searched values (a sweep) or a grid ``row`` and ``seed``
-    (an ablation, whose rows map names to a method and its parameters); ``space`` (a SweepSpace),
-    ``setup`` (teacher checkpoint, data paths, Train storage) and ``rows`` arrive through
-    ``tune.with_parameters``. A deterministic Train run name per trial lets a restored sweep find the
-    run and its checkpoints."""
+def trial_train_config(config: dict, *, space, setup: dict, rows: dict | None = None) -> TrainConfig:
+    """The TrainConfig of a trial. ``config`` holds the searched values (a sweep) or a grid ``row`` and
+    ``seed`` (an ablation, whose rows map names to a method and its parameters)."""
     values = dict(config)
     seed = values.pop("seed", None)
     method = None
     if "row" in values:
         row = rows[values.pop("row")]
         method, values = row["method"], {**row.get("params", {}), **values}
-    train_cfg = space.train_config(values, method=method, seed=seed, out="unused",
-                                   teacher_checkpoint=setup["teacher_checkpoint"], data_paths=setup["data_paths"])
+    return space.train_config(values, method=method, seed=seed, out="unused",
+                              teacher_checkpoint=setup["teacher_checkpoint"], data_paths=setup["data_paths"])
+
+
+def data_name(cfg: TrainConfig) -> str:
+    return Path(cfg.train_ann).stem if cfg.train_ann else "mini-benchmark"
+
+
+def flat_run_config(cfg: TrainConfig, *, space, row: str | None, versions: dict) -> dict:
+    """A trial as flat, stable keys: what a W&B workspace filters, groups and draws parallel
+    coordinates by. ``versions`` is :func:`dmkd.provenance.provenance`'s record."""
+    from dmkd.distillers import method_settings
+
+    flat = {"method": cfg.method, "row": row or cfg.method, "seed": cfg.seed, "pair": space.pair_name,
+            "data": data_name(cfg)}
+    flat.update({f"distill.{k}": list(v) if isinstance(v, tuple) else v
+                 for k, v in {**method_settings(cfg.method), **cfg.distill}.items()})
+    for role, detector in (("teacher", cfg.teacher if cfg.method != "none" else None), ("student", cfg.detector)):
+        if detector is not None:
+            flat.update({f"{role}.{k}": v for k, v in to_dict(detector).items() if k != "num_classes"})
+    flat.update({f"train.{k}": getattr(cfg, k) for k in ("epochs", "max_iters", "batch_size", "optimizer", "lr",
+                                                         "weight_decay", "warmup_iters", "grad_clip", "amp")})
+    flat["train.ddp_workers"] = space.resources.num_workers
+    flat["git_commit"] = versions.get("git_commit")
+    flat["python"] = versions.get("python")
+    flat.update({f"version.{k}": v for k, v in versions.get("packages", {}).items()})
+    return flat
+
+
+def run_name(cfg: TrainConfig, row: str | None) -> str:
+    """``dmkd alpha=2e-06 seed 0``: the row (or method), its first searchable parameter, the seed."""
+    from dmkd.distillers import SEARCH_SPACES, method_settings
+
+    parts = [row or cfg.method]
+    key = next(iter(SEARCH_SPACES.get(cfg.method, {})), None)
+    if key is not None:
+        value = cfg.distill.get(key, method_settings(cfg.method).get(key))
+        parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+    parts.append(f"seed {cfg.seed}")
+    return " ".join(parts)
+
+
+def run_trial(config: dict, *, space, setup: dict, rows: dict | None = None) -> None:
+    """The Tune trainable (see :func:`trial_train_config` for ``config``); ``space`` (a SweepSpace),
+    ``setup`` (teacher checkpoint, data paths, Train storage) and ``rows`` arrive through
+    ``tune.with_parameters``. A deterministic Train run name per trial lets a restored sweep find the
+    run and its checkpoints."""
+    train_cfg = trial_train_config(config, space=space, setup=setup, rows=rows)
     resources = space.resources
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:

@@ -15,19 +15,40 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = {"arch": "fcos", "backbone": "resnet10_quarter", "fpn_channels": 64, "head_convs": 1, "image_size": 96}
 
 
-def tiny_space(tmp_path: Path, mini_data: dict, **changes) -> Path:
-    """A sweep space on the test mini-benchmark with a saved random tiny teacher; ``changes`` replace keys."""
+def tiny_teacher(mini_data: dict) -> Path:
+    """A random tiny teacher, saved once per test session beside the mini-benchmark, with the figures
+    of one real evaluation on its validation and test splits recorded the way ``dmkd.train`` records
+    them, so that a sweep takes its teacher row from the file instead of starting a Ray task for it."""
+    import dataclasses
+
+    from dmkd.train import TrainConfig, evaluate_detector, load_data
+
+    path = Path(mini_data["train_ann"]).parent / "tiny_teacher.pt"
+    if path.is_file():
+        return path
     torch.manual_seed(0)
-    teacher = tmp_path / "teacher.pt"
-    torch.save({"model": build_detector(DetectorConfig(**TINY, num_classes=4)).state_dict()}, teacher)
+    detector = build_detector(DetectorConfig(**TINY, num_classes=4))
+    data = load_data(TrainConfig(**mini_data, detector=dataclasses.replace(DetectorConfig(**TINY), num_classes=4)))
+    figures = {"epoch": 0}
+    for split, dataset in (("val", data.val), ("test", data.test)):
+        found, _ = evaluate_detector(detector, dataset, torch.device("cpu"), batch_size=4)
+        figures.update({f"{split}/{k}": v for k, v in found.items()})
+    torch.save({"model": detector.state_dict(), "history": [figures],
+                "data": {k: str(Path(v).resolve()) for k, v in mini_data.items()}}, path)
+    return path
+
+
+def tiny_space(tmp_path: Path, mini_data: dict, **changes) -> Path:
+    """A sweep space on the test mini-benchmark with the session's tiny teacher; ``changes`` replace keys."""
+    teacher = tiny_teacher(mini_data)
     data = yaml.safe_load(DEFAULT_SPACE.read_text())
     data.update(name="tiny", num_samples=3, max_concurrent=1,
                 pair={"teacher": TINY, "student": TINY, "teacher_checkpoint": str(teacher), "train_teacher": False},
-                data={k: mini_data[k] for k in ("train_ann", "train_images", "val_ann", "val_images")},
+                data=dict(mini_data),
                 fixed={"batch_size": 2, "warmup_iters": 1},
                 budget={"epochs": 2, "max_iters": 2},
                 scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                resources={"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
+                resources={"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},  # DDP: the small sweep's 2
                 reference=False)  # the reference row has tests of its own; here it would only cost time
     data.update(changes)
     path = tmp_path / "tiny.yaml"

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -48,6 +50,16 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "dmkd.evaluate", *args], capture_output=True, text=True)
 
 
+def _main(*args):
+    """The command line in this process (no interpreter start-up per case): exit code and output."""
+    from dmkd.evaluate import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def test_cli_prints_one_json_object(ground_truth, tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps(_as_results(ground_truth)))
@@ -68,7 +80,7 @@ def test_cli_errors_are_one_line(ground_truth, tmp_path, content, problem):
     results = tmp_path / "results.json"
     if content is not None:
         results.write_text(content)
-    run = _cli("--ann", str(ground_truth), "--results", str(results))
+    run = _main("--ann", str(ground_truth), "--results", str(results))
     assert run.returncode == 2
     assert run.stdout == ""
     lines = run.stderr.strip().splitlines()

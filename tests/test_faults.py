@@ -1,5 +1,6 @@
 """Fault tolerance on a local Ray: a killed Train worker, a killed sweep driver. Each sweep runs as its
 own process; a test kills only processes that its own sweep started."""
+import json
 import shutil
 import signal
 import subprocess
@@ -45,7 +46,7 @@ def _train_workers(pid: int) -> list[psutil.Process]:
 
 def test_a_killed_train_worker_resumes_from_the_last_checkpoint(tmp_path, mini_data):
     space = tiny_space(tmp_path, mini_data, num_samples=1, max_failures=2, scheduler={"type": "none"},
-                       budget={"epochs": 20, "max_iters": 8})  # ~1 s epochs: the kill lands mid-trial
+                       budget={"epochs": 8, "max_iters": 8})  # ~2 s epochs: the kill lands mid-trial
     storage = tmp_path / "exp"
     experiment = storage / "tiny"
     process = subprocess.Popen(sweep_command(space, storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -61,7 +62,7 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(tmp_path, mini_d
             process.kill()
     assert process.returncode == 0, output[-3000:]
     (history,) = tune_results(experiment).values()
-    assert history[-1]["epoch"] == 20
+    assert history[-1]["epoch"] == 8
     first_resumed = next(i for i, r in enumerate(history) if r["resumed_from_epoch"] > 0)
     before = max(r["epoch"] for r in history[:first_resumed]) if first_resumed else 0
     resumed = history[first_resumed]["resumed_from_epoch"]
@@ -71,50 +72,87 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(tmp_path, mini_d
     assert trial.state.name == "COMPLETE"
 
 
-def test_a_killed_driver_is_resumed_without_rerunning_finished_trials(tmp_path, mini_data):
-    space = tiny_space(tmp_path, mini_data, num_samples=2, scheduler={"type": "none"}, budget={"epochs": 5, "max_iters": 3})
+def _kill_family(process: subprocess.Popen) -> None:
+    """SIGKILL the sweep driver and the local Ray it started (a crash: nothing gets to clean up)."""
+    family = _descendants(process.pid)
+    process.kill()
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=60)
+
+
+def _checkpointed_epochs(experiment: Path) -> dict[str, int]:
+    """trial id -> the last epoch whose checkpoint Ray Train has committed (its checkpoint manager's
+    snapshot: what a resumed trial starts from). Tune's result.json copies in storage lag behind, and a
+    checkpoint folder alone may not be committed yet."""
+    found = {}
+    for snapshot in experiment.glob("train/train-*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):  # being written
+            continue
+        epochs = [r["metrics"]["epoch"] for r in results if "epoch" in r.get("metrics", {})]
+        if epochs:
+            found[snapshot.parent.name.split("-", 1)[1]] = max(epochs)
+    return found
+
+
+def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_trials(tmp_path, mini_data):
+    """Three trials, one at a time: Ctrl-C during the second, rerun; the driver killed during the third,
+    rerun with --resume. Nothing finished is trained again and nothing started starts from scratch."""
+    epochs = 3
+    space = tiny_space(tmp_path, mini_data, num_samples=3, scheduler={"type": "none"},
+                       budget={"epochs": epochs, "max_iters": 3})
     storage = tmp_path / "exp"
     experiment = storage / "tiny"
-    process = subprocess.Popen(sweep_command(space, storage), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=sweep_env(tmp_path))
-    try:
-        def one_done_one_checkpointed():
-            results = tune_results(experiment)
-            done = [t for t, h in results.items() if h and h[-1]["epoch"] == 5]
-            running = [t for t, h in results.items() if h and h[-1]["epoch"] < 5]
-            return done if done and running else None
 
-        _wait_for(one_done_one_checkpointed, 600, "a finished trial and a second one past its first epoch")
-        family = _descendants(process.pid)
-        process.kill()  # the driver dies, and with it the local Ray it started
-        for child in family:
+    def finished_and_running(count: int):
+        state = _checkpointed_epochs(experiment)
+        done = [t for t, e in state.items() if e == epochs]
+        running = [t for t, e in state.items() if e < epochs]
+        return state if len(done) >= count and running else None
+
+    def run_until(count: int, log: Path, stop) -> dict:
+        with log.open("w") as handle:  # a file, not a pipe: nobody reads a pipe while the sweep runs
+            process = subprocess.Popen(sweep_command(space, storage), stdout=handle, stderr=subprocess.STDOUT,
+                                       env=sweep_env(tmp_path))
             try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    before = tune_results(experiment)
-    finished = {t: len(h) for t, h in before.items() if h and h[-1]["epoch"] == 5}
-    interrupted = {t: h[-1]["epoch"] for t, h in before.items() if h and h[-1]["epoch"] < 5}
-    assert interrupted
+                state = _wait_for(lambda: finished_and_running(count), 600, f"{count} finished trial(s) and one running")
+                stop(process)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+        return state
+
+    def ctrl_c(process):
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=180)
+        assert process.returncode != 0
+
+    at_ctrl_c = run_until(1, tmp_path / "ctrl-c.log", ctrl_c)
+    at_kill = run_until(2, tmp_path / "killed.log", _kill_family)  # the same command continues, then dies
+    assert "continuing" in (tmp_path / "killed.log").read_text()
 
     run = subprocess.run(sweep_command(space, storage, "--resume"), capture_output=True, text=True,
                          env=sweep_env(tmp_path), timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    after = tune_results(experiment)
-    assert len(after) == 2 and all(h[-1]["epoch"] == 5 for h in after.values())
-    for trial_id, count in finished.items():
-        assert len(after[trial_id]) == count  # not re-run
-    for trial_id, last_epoch in interrupted.items():  # continued from its checkpoint, not from scratch
-        first_resumed = next(r for r in after[trial_id] if r["resumed_from_epoch"] > 0)
-        assert first_resumed["resumed_from_epoch"] >= last_epoch
-        assert first_resumed["epoch"] == first_resumed["resumed_from_epoch"] + 1
+    final = tune_results(experiment)
+    assert len(final) == 3 and all(h[-1]["epoch"] == epochs for h in final.values())
+    for trial_id, history in final.items():
+        assert [r["epoch"] for r in history].count(epochs) == 1  # finished once, never trained again
+    # (Tune keeps a restored trial's result.json lines from its new session only: the lines before the
+    # cut are not all there afterwards, so the resumed_from_epoch records are what tells a resume.)
+    for cut in (at_ctrl_c, at_kill):
+        (trial_id,) = [t for t, e in cut.items() if e < epochs]
+        resumed = [r for r in final[trial_id] if r["resumed_from_epoch"] > 0]
+        assert resumed and resumed[0]["resumed_from_epoch"] >= cut[trial_id] >= 1  # from its checkpoint
+        assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
     trials = study(experiment).trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 2
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
 
 
 def test_a_nan_trial_fails_with_its_reason_after_the_configured_retries(tmp_path, mini_data):

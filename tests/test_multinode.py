@@ -1,12 +1,16 @@
 """A real multi-node run on one machine: a Ray head and a second node as separate processes, then a
-sweep that joins them with --address, its trials placed on both nodes."""
+sweep that joins them with --address: its teacher trained as a Ray task (progress on the driver's
+terminal, a weights-only cache), its trials placed on both nodes. The sweep has two objectives, so the
+same run also checks the multi-objective search (one Ray start serves both)."""
+import json
 import os
 import subprocess
 
 import pytest
+import torch
 from ray.cluster_utils import Cluster
 
-from tests.sweep_helpers import study, sweep_command, sweep_env, tiny_space, tune_results
+from tests.sweep_helpers import TINY, study, sweep_command, sweep_env, tiny_space, tune_results
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +26,39 @@ def test_sweep_on_a_two_node_cluster(tmp_path, mini_data):
         nodes = {cluster.head_node.node_id, second.node_id}
         space = tiny_space(tmp_path, mini_data, num_samples=2, max_concurrent=2, scheduler={"type": "none"},
                            budget={"epochs": 1, "max_iters": 2},
-                           resources={"num_workers": 1, "use_gpu": False, "cpus_per_worker": 2})
+                           resources={"num_workers": 1, "use_gpu": False, "cpus_per_worker": 2},
+                           pair={"teacher": TINY, "student": TINY, "train_teacher": True, "teacher_epochs": 2},
+                           objective={"metric": "val/AP", "mode": "max", "second_metric": "loss/distill",
+                                      "second_mode": "min"})
         storage = tmp_path / "exp"
         run = subprocess.run(sweep_command(space, storage, "--address", cluster.address), capture_output=True,
                              text=True, env=sweep_env(tmp_path), timeout=900)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         experiment = storage / "tiny"
-        placed = {history[-1]["node_id"] for history in tune_results(experiment).values()}
+
+        # the teacher: one progress line per epoch on the driver, a cache file of about the weights' size
+        # beside the full checkpoint (optimizer state included) that resuming its training would read
+        progress = [line for line in run.stdout.splitlines() if line.startswith("teacher: epoch")]
+        assert [line.split()[2] for line in progress] == ["1/2", "2/2"] and "val AP" in progress[-1], run.stdout[-3000:]
+        (cached,) = (storage / "teachers").glob("*/teacher.pt")
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+        weights = sum(t.numel() * t.element_size() for t in state["model"].values())
+        assert cached.stat().st_size <= 1.2 * weights and len(state["history"]) == 2
+        full = cached.parent / "training" / "checkpoint.pt"
+        assert full.stat().st_size > 1.5 * weights and "optimizer" in torch.load(full, map_location="cpu", weights_only=True)
+        records = tune_results(experiment)
+        placed = {history[-1]["node_id"] for history in records.values()}
         assert placed == nodes
-        assert [t.state.name for t in study(experiment).trials] == ["COMPLETE", "COMPLETE"]
+
+        # two objectives: a multi-objective Optuna study told both values, and the report's Pareto front
+        found = study(experiment)
+        assert [d.name for d in found.directions] == ["MAXIMIZE", "MINIMIZE"]
+        assert [t.state.name for t in found.trials] == ["COMPLETE", "COMPLETE"]
+        for trial in found.trials:
+            matching = [h[-1] for h in records.values() if h[-1]["val/AP"] == trial.values[0]]
+            assert any(r["loss/distill"] == trial.values[1] for r in matching)
+        report = json.loads((experiment / "report.json").read_text())
+        assert {p["trial_id"] for p in report["pareto_front"]} <= set(records) and report["pareto_front"]
+        assert (experiment / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         cluster.shutdown()

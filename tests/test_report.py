@@ -11,17 +11,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
 
 from dmkd.distillers import SEARCH_SPACES
 from dmkd.errors import UserError
-from dmkd.models import DetectorConfig, build_detector
 from orchestrator.ablate import load_grid
 from orchestrator.report import ablation_markdown, ablation_table, paired_difference, pairing_check, summarize
+from tests.sweep_helpers import TINY, tiny_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"arch": "fcos", "backbone": "resnet10_quarter", "fpn_channels": 64, "head_convs": 1, "image_size": 96}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -101,10 +99,7 @@ def test_table_marks_failures_untuned_rows_and_broken_pairing():
 
 def _ablation(tmp_path, mini_data, grid: dict, *extra: str, name: str = "abl"):
     """Run ``python -m orchestrator.ablate`` on a tiny pair (a saved random teacher) in its own process."""
-    teacher = tmp_path / "teacher.pt"
-    if not teacher.is_file():
-        torch.manual_seed(0)
-        torch.save({"model": build_detector(DetectorConfig(**TINY, num_classes=4)).state_dict()}, teacher)
+    teacher = tiny_teacher(mini_data)
     base = yaml.safe_load((ROOT / "search_spaces" / "default.yaml").read_text())
     base.update(name="base", max_concurrent=2, max_failures=0,
                 pair={"teacher": TINY, "student": TINY, "teacher_checkpoint": str(teacher), "train_teacher": False},
@@ -193,6 +188,8 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     d = [test_ap["dmkd"][s] - test_ap["mgd"][s] for s in (0, 1)]
     assert table["dmkd"]["delta_best_baseline"]["mean"] == pytest.approx(statistics.fmean(d))
     assert table["none"]["AP"]["mean"] == pytest.approx(statistics.fmean(test_ap["none"].values()))
+    teacher = json.loads((experiment / "teacher.json").read_text())  # the pair table: the same split as the rows
+    assert report["pair"]["teacher"]["AP"] == teacher["test/AP"] != teacher["val/AP"]
     markdown = (experiment / "report.md").read_text()
     assert "Results on the test split" in markdown and "Pairing: every row of a seed started from the same" in markdown
     assert "| teacher |" in markdown and "| none | none |" in markdown and "2 trials x 1 ep" in markdown
@@ -214,3 +211,42 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     rows = list(csv.DictReader((tmp_path / "r2" / "report.csv").open()))
     assert [r["row"] for r in rows] == ["none", "mgd", "dmkd"] and {r["split"] for r in rows} == {"test"}
     assert float(rows[2]["delta_AP"]) == pytest.approx(table_delta := report["table"][2]["delta_AP"]["mean"]) and table_delta is not None
+
+
+def test_sweep_report_reads_stopped_trials_at_one_epoch(tmp_path, monkeypatch):
+    """A sweep's stored results (the files Tune and the sweep write), made by hand: five trials ran the
+    3-epoch budget, five were stopped after epoch 1 and one never reported."""
+    from orchestrator.report import write_report
+    from orchestrator.space import DEFAULT_SPACE, describe, load_space
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    experiment = tmp_path / "default"
+    experiment.mkdir()
+    (experiment / "sweep.json").write_text(json.dumps({"space": describe(load_space(DEFAULT_SPACE)), "git_commit": "x"}))
+    (experiment / "reference.json").write_text(json.dumps(
+        {"0": {"history": [{"epoch": 3, "val/AP": 0.30}], "final": {"epoch": 3, "val/AP": 0.30}}}))
+    for i in range(11):
+        folder = experiment / f"run_trial_t{i:02d}_0_x"
+        folder.mkdir()
+        alpha = 10 ** (-6 + 0.2 * i)
+        (folder / "params.json").write_text(json.dumps({"alpha": alpha, "temperature": 0.2 + 0.07 * ((3 * i) % 11),
+                                                        "spatial_ratio": 0.65, "channel_ratio": 0.65}))
+        epochs = 3 if i < 5 else 1 if i < 10 else 0  # AP grows with alpha in every epoch
+        lines = [json.dumps({"epoch": e, "val/AP": 0.1 * e + 0.02 * i, "config": {}}) for e in range(1, epochs + 1)]
+        (folder / "result.json").write_text("\n".join(lines))
+    write_report(experiment)
+    report = json.loads((experiment / "report.json").read_text())
+
+    (rung,) = report["rungs"]
+    assert rung["epoch"] == 1 and rung["stopped"] == 5 and rung["completed"] == 5
+    assert rung["spearman"] == pytest.approx(1.0) and rung["warning"] is None
+    assert report["compared_at_epoch"] == 1  # ten trials reached epoch 1; only five reached epoch 3
+    importances = report["importances"]  # AP follows alpha; the ratios never varied
+    assert importances["alpha"] > 2 * importances["temperature"] and importances["spatial_ratio"] == pytest.approx(0)
+    status = {r["trial_id"]: r["status"] for r in report["leaderboard"]}
+    assert status["t00"] == "completed" and status["t07"] == "stopped early" and status["t10"] == "unfinished"
+    delta = {r["trial_id"]: r["delta_AP"] for r in report["leaderboard"]}
+    assert delta["t04"] == pytest.approx(0.3 + 0.08 - 0.30) and delta["t07"] is None  # Δ only at the full budget
+    markdown = (experiment / "report.md").read_text()
+    assert "epoch 1 (stopped 5 trials): Spearman 1.00 over 5 completed trials" in markdown
+    assert "| at epoch |" in markdown and (experiment / "param_scatter.png").read_bytes()[:4] == b"\x89PNG"

@@ -20,6 +20,33 @@ def test_default_space_loads():
     assert cfg.distill == {"alpha": 1e-5} and cfg.lr == 0.01 and cfg.batch_size == 8 and cfg.method == "dmkd"
 
 
+def test_a_trial_config_for_wandb_is_flat_complete_and_named_for_people():
+    from dmkd.provenance import provenance
+    from orchestrator.trial import flat_run_config, run_name, trial_train_config
+
+    space = load_space(DEFAULT_SPACE)
+    setup = {"teacher_checkpoint": "t.pt", "data_paths": {}}
+    cfg = trial_train_config({"alpha": 3.1e-6, "temperature": 0.77215}, space=space, setup=setup)
+    flat = flat_run_config(cfg, space=space, row=None, versions=provenance())
+    assert flat["method"] == "dmkd" and flat["seed"] == 0 and flat["data"] == "mini-benchmark"
+    assert flat["distill.alpha"] == 3.1e-6 and flat["distill.temperature"] == 0.77215
+    assert flat["distill.spatial_ratio"] == 0.65 and flat["distill.fusion"] == "learned"  # defaults, not only the searched
+    assert flat["teacher.backbone"] == "resnet18" and flat["student.backbone"] == "resnet10_quarter"
+    assert flat["student.fpn_channels"] == 64 and flat["train.epochs"] == space.budget.epochs
+    assert flat["version.torch"] and "git_commit" in flat
+    assert all(not isinstance(v, (dict, tuple)) for v in flat.values())
+    assert run_name(cfg, None) == "dmkd alpha=3.1e-06 seed 0"
+
+    rows = {"channel": {"method": "dmkd_channel", "params": {"alpha": 2e-6}}}
+    cfg = trial_train_config({"row": "channel", "seed": 2}, space=space, setup=setup, rows=rows)
+    flat = flat_run_config(cfg, space=space, row="channel", versions={})
+    assert flat["distill.branches"] == ["channel"] and flat["row"] == "channel" and flat["seed"] == 2
+    assert run_name(cfg, "channel") == "channel alpha=2e-06 seed 2"
+    plain = trial_train_config({"row": "none", "seed": 1}, space=space, setup=setup, rows={"none": {"method": "none"}})
+    assert run_name(plain, "none") == "none seed 1" and "teacher.backbone" not in flat_run_config(
+        plain, space=space, row="none", versions={})
+
+
 @pytest.mark.parametrize("name", ["retinanet_r50_r18_coco.yaml", "fasterrcnn_r101_r50_coco.yaml"])
 def test_shipped_paper_scale_spaces_are_valid(name):
     space = load_space(DEFAULT_SPACE.parent / name)

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import socket
@@ -130,9 +132,39 @@ def test_two_process_gloo_ddp(mini_data, tmp_path):
     assert {p["image_id"] for p in predictions} <= set(range(1, 17))
 
 
-def _train_cli(*args, cwd=None):
+@pytest.mark.slow
+def test_torchrun_trains_one_run_over_two_processes(mini_data, tmp_path):
+    out = tmp_path / "torchrun"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), "-m", "dmkd.train", "--role", "student", "--epochs", "1", "--max-iters", "2",
+                          "--batch-size", "2", "--image-size", "64", "--out", str(out),
+                          *[f"--{k.replace('_', '-')}={v}" for k, v in mini_data.items()]],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["epochs"] == 1 and "test/AP" in results[0]  # rank 0 alone reports
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 1
+
+
+def _train_cli(*args):
+    """``python -m dmkd.train ARGS`` as its own process (what a user runs)."""
     return subprocess.run([sys.executable, "-m", "dmkd.train", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+
+
+def _train_main(*args):
+    """The same command line in this process (no interpreter start-up per case): exit code and output."""
+    from dmkd.train import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def _bad_inputs(tmp_path, small_coco):
@@ -164,7 +196,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, small_coco, case):
     argv = [item for pair in base.items() for item in pair] + [
         "--out", str(out), "--epochs", "1", "--max-iters", "1", "--batch-size", "1", "--image-size", "64",
         "--backbone", "resnet10_quarter", "--fpn-channels", "64"]
-    run = _train_cli(*argv)
+    run = _train_main(*argv)
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], run.stderr
@@ -198,11 +230,11 @@ def test_dmkd_training_lowers_the_distill_loss(mini_data, tmp_path):
 
 
 def test_cli_distillation_needs_a_teacher_checkpoint(tmp_path):
-    run = _train_cli("--method", "dmkd", "--out", str(tmp_path / "o"))
+    run = _train_main("--method", "dmkd", "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and run.stderr.strip() == "error: teacher_checkpoint: required for method 'dmkd'"
-    run = _train_cli("--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"))
+    run = _train_main("--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and "t.pt: teacher checkpoint file not found" in run.stderr
-    run = _train_cli("--method", "kd", "--out", str(tmp_path / "o"))
+    run = _train_main("--method", "kd", "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and "unknown distillation method 'kd'" in run.stderr
 
 

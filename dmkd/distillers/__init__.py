@@ -52,6 +52,13 @@ def method_parameters(method: str) -> dict[str, object]:
             if p.kind is p.KEYWORD_ONLY and name not in factory.keywords}
 
 
+def method_settings(method: str) -> dict[str, object]:
+    """Everything a method's loss is built with by default: its variant's fixed switches and the
+    defaults of its parameters (what a run record shows beside the values that were set)."""
+    factory = _factory(method)
+    return {} if factory is None else {**factory.keywords, **method_parameters(method)}
+
+
 def _factory(method: str) -> partial | None:
     if method not in METHODS:
         raise UserError(f"method: unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -104,4 +111,4 @@ def build_distiller(method: str, student_channels: int, teacher_channels: int, l
 
 
 __all__ = ["METHODS", "SEARCH_SPACES", "DistillContext", "check_parameters", "DMKDLoss", "FGDLoss", "FitNetLoss", "MGDLoss", "MultiLevel",
-           "build_distiller", "method_parameters"]
+           "build_distiller", "method_parameters", "method_settings"]

@@ -1,0 +1,123 @@
+"""The search-efficiency replay against a hand-made 3-configuration table."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bench.search_efficiency import Lookup, OptunaProposer, compute_to_reach, load_table, replay, rung_correlations
+from orchestrator.space import DEFAULT_SPACE, load_space
+
+# val AP per epoch, two seeds each: B is best at the end; C leads after epoch 1, then collapses
+CURVES = {0: {"alpha": 1e-6, "seeds": [[0.10, 0.20, 0.30], [0.12, 0.22, 0.32]]},
+          1: {"alpha": 1e-5, "seeds": [[0.20, 0.40, 0.60], [0.18, 0.38, 0.58]]},
+          2: {"alpha": 1e-4, "seeds": [[0.30, 0.10, 0.05], [0.28, 0.12, 0.07]]}}
+
+
+@pytest.fixture
+def table_path(tmp_path):
+    path = tmp_path / "table.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["config", "seed", "epoch", "val_AP", "alpha", "temperature", "spatial_ratio", "channel_ratio"])
+        for config, entry in CURVES.items():
+            for seed, curve in enumerate(entry["seeds"]):
+                for epoch, value in enumerate(curve, start=1):
+                    writer.writerow([config, seed, epoch, value, entry["alpha"], 0.5, 0.65, 0.65])
+    return path
+
+
+class Scripted:
+    """Proposes the given points in order (the replay's searcher interface), recording what it is told."""
+
+    def __init__(self, points):
+        self.points, self.told = list(points), []
+
+    def ask(self):
+        params = self.points.pop(0)
+        return params["alpha"], params
+
+    def report(self, handle, value, epoch):
+        pass
+
+    def tell(self, handle, value, pruned):
+        self.told.append((handle, value, pruned))
+
+
+def _point(alpha):
+    return {"alpha": alpha, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65}
+
+
+def test_lookup_answers_the_nearest_configuration_in_log_scale(table_path):
+    space = load_space(DEFAULT_SPACE)
+    lookup = Lookup(load_table(table_path, space.search), space.search)
+    assert lookup.nearest(_point(2e-6)) == 0 and lookup.nearest(_point(4e-6)) == 1  # 4e-6 is nearer 1e-5 in log
+    assert lookup.nearest(_point(9e-5)) == 2
+    seen = {tuple(lookup.observe(1, np.random.default_rng(s))) for s in range(20)}
+    assert seen == {tuple(c) for c in CURVES[1]["seeds"]}  # real seed curves, both drawn
+
+
+def test_asha_replay_stops_the_collapsing_trial_and_scores_by_the_mean(table_path):
+    space = load_space(DEFAULT_SPACE)
+    lookup = Lookup(load_table(table_path, space.search), space.search)
+    # sequential ASHA, grace 1, factor 2 (rungs at epochs 1 and 2): A and B complete; C passes epoch 1
+    # (0.3 above the median of 0.1/0.2 recorded there) and is stopped at epoch 2 (0.1 below 0.2/0.4's)
+    proposer = Scripted([_point(1e-6), _point(1e-5), _point(1e-4)])
+    curve = replay(lookup, proposer, budget=9, concurrency=1, asha=(1, 2), seed=0)
+    assert [pruned for _, _, pruned in proposer.told] == [False, False, True]
+    assert proposer.told[2][0] == 1e-4
+    # compute 3 after A; 6 after B; C stopped after 2 epochs (8), then no full trial fits in the last unit
+    assert curve[2] == pytest.approx(0.31) and curve[5] == pytest.approx(0.59) and curve[-1] == pytest.approx(0.59)
+    assert curve[:2].tolist() == [0.0, 0.0]
+
+    without = replay(lookup, Scripted([_point(1e-6), _point(1e-5), _point(1e-4)]), budget=9, asha=None, seed=0)
+    assert without[-1] == pytest.approx(0.59) and compute_to_reach(without, 0.59) == 6
+
+
+def test_rung_correlation_of_the_table(table_path):
+    space = load_space(DEFAULT_SPACE)
+    rho = rung_correlations(load_table(table_path, space.search))
+    assert rho[1] == pytest.approx(-0.5) and rho[2] == pytest.approx(1.0)
+
+
+def test_tpe_proposer_starts_from_the_paper_default():
+    space = load_space(DEFAULT_SPACE)
+    proposer = OptunaProposer(space, "tpe", seed=0)
+    _, first = proposer.ask()
+    assert first == {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65}
+
+
+def test_cli_replays_a_table_and_writes_the_curves(table_path, tmp_path):
+    run = subprocess.run([sys.executable, "bench/search_efficiency.py", "--table", str(table_path), "--repeats", "3",
+                          "--trials", "4", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["searchers"]) == {"random", "tpe", "asha+random", "asha+tpe"}
+    assert summary["budget_trial_epochs"] == 12 and summary["best_configuration_AP"] == pytest.approx(0.59)
+    assert "compute to target" in run.stdout and (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((tmp_path / "out" / "curves.csv").open()))
+    assert len(rows) == 4 * 12
+
+
+def test_a_table_must_hold_the_space_parameters(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("config,seed,epoch,val_AP,alpha\n0,0,1,0.1,1e-6\n")
+    with pytest.raises(SystemExit, match="needs columns"):
+        load_table(bad, load_space(DEFAULT_SPACE).search)
+
+
+def test_the_table_generator_writes_a_grid_the_ablation_runner_accepts(tmp_path):
+    from bench.search_table import sobol_points, write_grid
+    from orchestrator.ablate import load_grid
+
+    space = load_space(DEFAULT_SPACE)
+    points = sobol_points(space.search, 8)
+    assert len({p["alpha"] for p in points}) == 8
+    for name, param in space.search.items():
+        values = [p[name] for p in points]
+        assert param.low <= min(values) and max(values) <= param.high
+        assert max(values) - min(values) > 0.5 * (param.high - param.low)  # spread over the range, not clustered
+    grid = load_grid(str(write_grid(DEFAULT_SPACE, points, 2, "table", tmp_path)))
+    assert grid.seeds == [0, 1] and len(grid.rows) == 9 and grid.rows["p003"]["params"] == points[3]  # + the none row
