@@ -113,10 +113,15 @@ def data_paths(space) -> dict:
     return ensure_mini_benchmark(Path(d.mini_dir).resolve())
 
 
+def was_interrupted(result_grid) -> bool:
+    """Tune returns normally when Ctrl-C stops an experiment: trials that neither finished nor failed
+    mean it was interrupted."""
+    return result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+
+
 def check_finished(result_grid, what: str) -> None:
-    """Tune returns normally when Ctrl-C stops an experiment; trials that neither finished nor failed
-    mean it was interrupted, and nothing may be taken from it as final."""
-    if result_grid.num_terminated + result_grid.num_errors < len(result_grid):
+    """Nothing may be taken as final from an interrupted Tune run."""
+    if was_interrupted(result_grid):
         raise KeyboardInterrupt(f"{what} was interrupted")
 
 
@@ -254,8 +259,7 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
         print(f"report: {write_report(experiment)}")
     if wandb_mode == "offline":
         print(f"wandb: offline runs under {experiment / 'wandb'}; upload them with `wandb sync {experiment / 'wandb'}/offline-run-*`")
-    # Ctrl-C makes Tune return normally: a trial that neither finished nor failed means the sweep is unfinished
-    interrupted = result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+    interrupted = was_interrupted(result_grid)
     if interrupted:
         print("sweep: interrupted before every trial finished; rerun the same command to continue", flush=True)
     finished = [r for r in rows if r["status"] in ("completed", "stopped early")]
