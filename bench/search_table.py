@@ -7,6 +7,10 @@ row per point, Ray Tune + Ray Train, per-epoch val AP kept), then exported as a 
         --set resources.gpus_per_worker=0.1                            # on a GPU machine
     python bench/search_table.py --export-only                         # re-export a finished (or resumed) run
 
+Without Ray, for a short GPU lease: ``--plan-only PLAN.json --teacher CKPT`` writes each (point, seed)'s
+TrainConfig (the one its trial would get), ``bench/table_runner.py`` trains them in parallel processes,
+and ``--from-runs RUNS --plan PLAN.json`` exports the table from their metrics.json files.
+
 Rerunning the same command continues an interrupted run (the ablation runner resumes). The table goes
 to bench/tables/default_space.csv with its provenance (command, commit, machine, packages, dates) in
 default_space.json beside it.
@@ -63,8 +67,24 @@ def write_grid(space_path: Path, points: list[dict], seeds: int, name: str, fold
     return path
 
 
-def export(experiment: Path, search: dict, out: Path) -> int:
-    """One CSV row per (configuration, seed, epoch) of every finished trial; returns the row count."""
+def write_plan(space_path: Path, points: list[dict], seeds: int, teacher: str, path: Path) -> int:
+    """Every (point, seed) as the TrainConfig its trial would get, all points of seed 0 first (a cut
+    run still covers the space), for ``bench/table_runner.py``."""
+    from dmkd.config import to_dict
+
+    space = load_space(space_path)
+    plan = [{"id": f"p{i:03d}_s{seed}", "config": to_dict(space.train_config(point, seed=seed, teacher_checkpoint=teacher))}
+            for seed in range(seeds) for i, point in enumerate(points)]
+    path.write_text(json.dumps(plan, indent=1))
+    return len(plan)
+
+
+def _csv_row(config: int, seed: int, entry: dict, params: dict, search: dict) -> list:
+    return [config, seed, entry["epoch"], f"{entry['val/AP']:.6f}", *[f"{params[n]:.6g}" for n in search]]
+
+
+def trial_rows(experiment: Path, search: dict) -> list[list]:
+    """The table's rows from a finished ablation run (the Ray path)."""
     record = json.loads((experiment / "ablation.json").read_text())
     rows = []
     for trial in read_trials(experiment):
@@ -72,10 +92,27 @@ def export(experiment: Path, search: dict, out: Path) -> int:
         if not row or not row.startswith("p") or trial["error"] is not None:
             continue
         params = record["rows"][row]["params"]
-        for entry in trial["history"]:
-            if "val/AP" in entry:
-                rows.append([int(row[1:]), trial["config"]["seed"], entry["epoch"], f"{entry['val/AP']:.6f}",
-                             *[f"{params[n]:.6g}" for n in search]])
+        rows += [_csv_row(int(row[1:]), trial["config"]["seed"], e, params, search)
+                 for e in trial["history"] if "val/AP" in e]
+    return rows
+
+
+def run_rows(runs: Path, plan: Path, search: dict) -> list[list]:
+    """The table's rows from ``bench/table_runner.py``'s finished runs (unfinished ones are left out)."""
+    rows = []
+    for entry in json.loads(plan.read_text()):
+        metrics = runs / entry["id"] / "metrics.json"
+        if not metrics.is_file():
+            continue
+        config = entry["config"]
+        params = {**config["distill"], **{k: config[k] for k in search if k in config}}
+        rows += [_csv_row(int(entry["id"][1:4]), config["seed"], e, params, search)
+                 for e in json.loads(metrics.read_text())["epochs"] if "val/AP" in e]
+    return rows
+
+
+def export(rows: list[list], search: dict, out: Path) -> int:
+    """One CSV row per (configuration, seed, epoch); returns the row count."""
     rows.sort()
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as handle:
@@ -83,6 +120,12 @@ def export(experiment: Path, search: dict, out: Path) -> int:
         writer.writerow(["config", "seed", "epoch", "val_AP", *search])
         writer.writerows(rows)
     return len(rows)
+
+
+def _machine(runs: Path | None):
+    """Where the table was trained: this machine, or the one table_runner.py recorded in ``runs``."""
+    recorded = runs / "machine.json" if runs else None
+    return json.loads(recorded.read_text()) if recorded and recorded.is_file() else cpu_name()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,12 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the ablation runner")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "tables" / "default_space.csv")
     parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--plan-only", type=Path, metavar="PLAN", help="write the runs' TrainConfigs for table_runner.py")
+    parser.add_argument("--teacher", help="with --plan-only: the teacher checkpoint path the runs will read")
+    parser.add_argument("--from-runs", type=Path, metavar="RUNS", help="export from table_runner.py's runs (with --plan)")
+    parser.add_argument("--plan", type=Path, help="the plan the runs in --from-runs were made from")
     args = parser.parse_args(argv)
 
     space = load_space(args.space)
     experiment = Path(args.storage) / args.name
     started = time.time()
-    if not args.export_only:
+    if args.plan_only:
+        if not args.teacher:
+            raise SystemExit("error: --plan-only needs --teacher (the checkpoint path on the machine that trains)")
+        count = write_plan(args.space, sobol_points(space.search, args.points), args.seeds, args.teacher, args.plan_only)
+        print(f"{count} runs -> {args.plan_only}")
+        return 0
+    if args.from_runs and not args.plan:
+        raise SystemExit("error: --from-runs needs --plan")
+    if not (args.export_only or args.from_runs):
         grid = write_grid(args.space, sobol_points(space.search, args.points), args.seeds, args.name,
                           Path(args.storage) / "grids")
         command = [sys.executable, "-m", "orchestrator.ablate", "--grid", str(grid), "--storage", args.storage,
@@ -110,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run(command, cwd=ROOT).returncode != 0:
             print("error: the ablation run did not finish; rerun the same command to continue", file=sys.stderr)
             return 1
-    count = export(experiment, space.search, args.out)
+    rows = run_rows(args.from_runs, args.plan, space.search) if args.from_runs else trial_rows(experiment, space.search)
+    count = export(rows, space.search, args.out)
     record = {"command": "python bench/search_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "experiment": str(experiment), "points": args.points, "seeds": args.seeds, "rows": count,
-              "machine": cpu_name(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "experiment": str(args.from_runs or experiment), "points": args.points, "seeds": args.seeds, "rows": count,
+              "machine": _machine(args.from_runs), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "wall_s_this_call": round(time.time() - started), **provenance()}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"{count} rows -> {args.out}")
