@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 from dmkd.provenance import cpu_name, provenance  # noqa: E402
 from orchestrator.report import read_trials  # noqa: E402
 from orchestrator.space import DEFAULT_SPACE, load_space  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))  # its sibling, also when loaded by file path (the tests)
+from table_runner import finished  # noqa: E402
 
 
 def sobol_points(search: dict, count: int, seed: int = 0) -> list[dict]:
@@ -98,13 +100,13 @@ def trial_rows(experiment: Path, search: dict) -> list[list]:
 
 
 def run_rows(runs: Path, plan: Path, search: dict) -> list[list]:
-    """The table's rows from ``bench/table_runner.py``'s finished runs (unfinished ones are left out)."""
+    """The table's rows from ``bench/table_runner.py``'s finished runs (runs cut mid-way are left out)."""
     rows = []
     for entry in json.loads(plan.read_text()):
-        metrics = runs / entry["id"] / "metrics.json"
-        if not metrics.is_file():
-            continue
         config = entry["config"]
+        if not finished(runs / entry["id"], config["epochs"]):
+            continue
+        metrics = runs / entry["id"] / "metrics.json"
         params = {**config["distill"], **{k: config[k] for k in search if k in config}}
         rows += [_csv_row(int(entry["id"][1:4]), config["seed"], e, params, search)
                  for e in json.loads(metrics.read_text())["epochs"] if "val/AP" in e]

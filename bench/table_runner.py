@@ -3,7 +3,8 @@
 Each plan entry is the TrainConfig a trial of the sweep would get (``bench/search_table.py --plan-only``
 writes them with the space's own ``train_config``); each runs through ``dmkd.train.fit``, the loop every
 trial runs, in its own process, and leaves ``RUNS/<id>/metrics.json`` (per-epoch val AP). Only ``out``
-and ``device`` are changed. Entries already finished are skipped, so a rerun continues.
+and ``device`` are changed. Entries already finished are skipped, so a rerun continues (a run cut
+mid-way starts again).
 
     python bench/table_runner.py PLAN.json --runs RUNS --parallel 12 --device cuda [--copy-to DIR]
 """
@@ -36,6 +37,12 @@ def _train(entry: dict, runs: str, device: str) -> tuple[str, float, float | Non
     return entry["id"], time.monotonic() - started, metrics.get("val/AP")
 
 
+def finished(run: Path, epochs: int) -> bool:
+    """metrics.json is rewritten after every epoch: a run is finished when it holds all of them."""
+    metrics = run / "metrics.json"
+    return metrics.is_file() and len(json.loads(metrics.read_text())["epochs"]) >= epochs
+
+
 def _gpu_name() -> str | None:
     import subprocess
 
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.copy_to / "machine.json").write_text(json.dumps(
             {"cpu": cpu_name(), "gpu": _gpu_name(), "parallel": args.parallel, "device": args.device,
              **provenance()}, indent=1))
-    todo = [e for e in plan if not (args.runs / e["id"] / "metrics.json").is_file()]
+    todo = [e for e in plan if not finished(args.runs / e["id"], e["config"]["epochs"])]
     print(f"{len(plan)} runs in the plan, {len(todo)} to train, {args.parallel} at a time", flush=True)
     started = time.monotonic()
     with ProcessPoolExecutor(args.parallel) as pool:

@@ -121,3 +121,30 @@ def test_the_table_generator_writes_a_grid_the_ablation_runner_accepts(tmp_path)
         assert max(values) - min(values) > 0.5 * (param.high - param.low)  # spread over the range, not clustered
     grid = load_grid(str(write_grid(DEFAULT_SPACE, points, 2, "table", tmp_path)))
     assert grid.seeds == [0, 1] and len(grid.rows) == 9 and grid.rows["p003"]["params"] == points[3]  # + the none row
+
+
+def test_a_plan_holds_the_trials_configs_and_the_export_skips_cut_runs(tmp_path):
+    """The Ray-free path: each plan entry is the TrainConfig the trial would get (seed 0 of every point
+    first), and a run whose metrics.json stops short of the budget (cut mid-way) is not in the table."""
+    from bench.search_table import export, run_rows, sobol_points, write_plan
+
+    space = load_space(DEFAULT_SPACE)
+    points = sobol_points(space.search, 4)
+    plan = tmp_path / "plan.json"
+    assert write_plan(DEFAULT_SPACE, points, 2, "teacher.pt", plan) == 8
+    entries = json.loads(plan.read_text())
+    assert [e["id"] for e in entries[:5]] == ["p000_s0", "p001_s0", "p002_s0", "p003_s0", "p000_s1"]
+    first = entries[1]["config"]
+    assert first["method"] == "dmkd" and first["teacher_checkpoint"] == "teacher.pt" and first["epochs"] == 3
+    assert first["distill"]["alpha"] == points[1]["alpha"] and first["batch_size"] == 8
+    runs = tmp_path / "runs"
+    curves = {"p000_s0": [0.1, 0.3, 0.5], "p001_s0": [0.2, 0.4], "p000_s1": [0.15, 0.35, 0.55]}  # p001 was cut
+    for run_id, aps in curves.items():
+        (runs / run_id).mkdir(parents=True)
+        epochs = [{"epoch": e + 1, "val/AP": ap} for e, ap in enumerate(aps)]
+        (runs / run_id / "metrics.json").write_text(json.dumps({"epochs": epochs, "final": epochs[-1]}))
+    rows = run_rows(runs, plan, space.search)
+    assert sorted({(r[0], r[1]) for r in rows}) == [(0, 0), (0, 1)] and len(rows) == 6
+    assert export(rows, space.search, tmp_path / "t.csv") == 6
+    table = load_table(tmp_path / "t.csv", space.search)
+    assert table.final_mean(0) == pytest.approx(0.525)
