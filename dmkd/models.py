@@ -1,7 +1,9 @@
-"""torchvision detectors built without any download, and taps on their FPN features.
+"""torchvision detectors, and taps on their FPN features.
 
-Every model is built with ``weights=None, weights_backbone=None``; real weights come only from a
-local checkpoint (:func:`load_weights`).
+Every model is built with ``weights=None, weights_backbone=None`` and starts from random weights
+unless its config names pretrained ones: ``weights`` (the whole detector) or ``backbone_weights``
+(the ResNet body), each a torchvision weights name or a local file (:mod:`dmkd.weights`). A pretrained
+body gets torchvision's treatment: frozen BatchNorm, conv1 and layer1 frozen.
 """
 from __future__ import annotations
 
@@ -14,16 +16,18 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models import resnet
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
+from torchvision.models import detection, resnet
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dmkd.errors import UserError
+from dmkd.weights import categories, freeze_pretrained, load_into, load_state
 
 
 def _slim_resnet(widths: tuple[int, int, int, int], blocks: tuple[int, int, int, int]) -> Callable[[], nn.Module]:
@@ -63,7 +67,11 @@ BACKBONES: dict[str, Callable[[], nn.Module]] = {
     "resnet10_half": _slim_resnet((32, 64, 128, 256), (1, 1, 1, 1)),
     "resnet10_quarter": _slim_resnet((16, 32, 64, 128), (1, 1, 1, 1)),
 }
-ARCHITECTURES = ("fcos", "retinanet", "fasterrcnn")
+# torchvision's own COCO detectors, built exactly as torchvision builds them (so their COCO weights load
+# with no key left over); backbone, FPN width and head are torchvision's.
+TORCHVISION_DETECTORS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
+                         "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
+ARCHITECTURES = ("fcos", "retinanet", "fasterrcnn", *TORCHVISION_DETECTORS)
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,26 @@ class DetectorConfig:
     head_convs: int = 4  # FCOS / RetinaNet tower depth
     anchor_scale: float = 4.0  # RetinaNet / Faster R-CNN anchor size as a multiple of the level's stride
     score_thresh: float = 0.05
+    min_size: int | None = None  # shorter image side after resizing (torchvision's min_size); None: image_size
+    weights: str | None = None  # the whole detector: a torchvision weights name or a local file
+    backbone_weights: str | None = None  # the ResNet body (e.g. ResNet18_Weights.IMAGENET1K_V1), or a file
+
+    def __post_init__(self) -> None:
+        # A torchvision detector fixes its backbone, FPN width and towers: left at the defaults, they
+        # take torchvision's values, so configs and W&B runs say what was built.
+        if self.arch in TORCHVISION_DETECTORS:
+            for name, value in (("backbone", "resnet50"), ("fpn_channels", 256), ("head_convs", 4)):
+                if getattr(self, name) == getattr(DetectorConfig, name):
+                    object.__setattr__(self, name, value)
 
     def validate(self, where: str = "detector") -> None:
         if self.arch not in ARCHITECTURES:
             raise UserError(f"{where}.arch: unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.arch in TORCHVISION_DETECTORS:
+            for name, value in (("backbone", "resnet50"), ("fpn_channels", 256), ("head_convs", 4)):
+                if getattr(self, name) != value:
+                    raise UserError(f"{where}.{name}: {self.arch} is torchvision's model ({name} {value}); "
+                                    f"leave {name} out or set {value}")
         if self.backbone not in BACKBONES:
             raise UserError(f"{where}.backbone: unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.fpn_channels <= 0 or self.fpn_channels % 32:
@@ -90,6 +114,8 @@ class DetectorConfig:
             raise UserError(f"{where}.num_classes: must be at least 2 (background + one class), but got {self.num_classes}")
         if self.image_size < 32:
             raise UserError(f"{where}.image_size: must be at least 32, but got {self.image_size}")
+        if self.min_size is not None and not 32 <= self.min_size <= self.image_size:
+            raise UserError(f"{where}.min_size: must lie in [32, image_size={self.image_size}], but got {self.min_size}")
 
 
 def _backbone_with_fpn(cfg: DetectorConfig, returned_layers: list[int], extra_blocks: nn.Module | None) -> BackboneWithFPN:
@@ -110,10 +136,34 @@ def _stage_out_channels(stage: nn.Sequential) -> int:
     return last_conv.out_channels
 
 
-def build_detector(cfg: DetectorConfig) -> nn.Module:
-    """A randomly initialised torchvision detector; images are resized to ``cfg.image_size`` at most."""
-    cfg.validate()
-    size_kwargs = dict(min_size=cfg.image_size, max_size=cfg.image_size)
+def weights_classes(cfg: DetectorConfig) -> int | None:
+    """The class count (background included) of a detector's torchvision weights, e.g. 91 for COCO_V1."""
+    names = categories(cfg.weights)
+    return len(names) if names else None
+
+
+def build_detector(cfg: DetectorConfig, where: str = "detector") -> nn.Module:
+    """A torchvision detector, random or with the pretrained weights its config names; images are
+    resized as torchvision does: shorter side ``cfg.min_size`` (default ``image_size``), longer side
+    ``cfg.image_size`` at most. ``where`` names the config in errors (``pair.teacher``)."""
+    cfg.validate(where)
+    detector = _build_architecture(cfg)
+    if cfg.weights or cfg.backbone_weights:
+        freeze_pretrained(detector.backbone.body)
+    if cfg.backbone_weights:
+        load_into(detector.backbone.body, load_state(cfg.backbone_weights, f"{where}.backbone_weights"),
+                  f"{where}.backbone_weights", allowed_extra=("fc.",))
+    if cfg.weights:
+        load_into(detector, load_state(cfg.weights, f"{where}.weights"), f"{where}.weights")
+    return detector
+
+
+def _build_architecture(cfg: DetectorConfig) -> nn.Module:
+    size_kwargs = dict(min_size=cfg.min_size or cfg.image_size, max_size=cfg.image_size)
+    if cfg.arch in TORCHVISION_DETECTORS:
+        threshold = {"box_score_thresh" if cfg.arch.startswith("fasterrcnn") else "score_thresh": cfg.score_thresh}
+        return getattr(detection, cfg.arch)(weights=None, weights_backbone=None, num_classes=cfg.num_classes,
+                                             **size_kwargs, **threshold)
     c = cfg.fpn_channels
     if cfg.arch == "fcos":
         backbone = _backbone_with_fpn(cfg, [2, 3, 4], LastLevelP6P7(c, c))
@@ -173,7 +223,7 @@ class FeatureTap:
 
 
 def fold_batch_norms(module: nn.Module) -> None:
-    """Fold each BatchNorm2d that follows a conv in a torchvision ResNet (``convN``/``bnN`` attribute pairs
+    """Fold each BatchNorm2d (or FrozenBatchNorm2d) that follows a conv in a torchvision ResNet (``convN``/``bnN`` attribute pairs
     and ``downsample = Sequential(conv, bn)``) into that conv, in place.
 
     Exact up to float rounding for frozen statistics, and it removes one full pass over every activation
@@ -188,6 +238,13 @@ def fold_batch_norms(module: nn.Module) -> None:
         conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
         if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
             setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), norm.eval()))
+            setattr(module, norm_name, nn.Identity())
+        elif isinstance(conv, nn.Conv2d) and isinstance(norm, FrozenBatchNorm2d):  # a pretrained body
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, bias=True).to(conv.weight.device)
+            fused.weight, fused.bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                                                            norm.eps, norm.weight, norm.bias)
+            setattr(module, conv_name, fused)
             setattr(module, norm_name, nn.Identity())
 
 

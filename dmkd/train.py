@@ -33,7 +33,8 @@ from dmkd.errors import UserError, one_line, run_command
 from dmkd.evaluate import coco_evaluate
 from dmkd.io import atomic_write, atomic_write_json
 from dmkd.distillers import DistillContext, METHODS, build_distiller, check_parameters
-from dmkd.models import DetectorConfig, FeatureTap, TeacherFeatures, build_detector, feature_shapes, load_weights
+from dmkd.models import (TORCHVISION_DETECTORS, DetectorConfig, FeatureTap, TeacherFeatures, build_detector,
+                         feature_shapes, load_weights, weights_classes)
 from dmkd.provenance import provenance
 from dmkd.synthetic import ensure_mini_benchmark
 from dmkd.transforms import eval_transforms, train_transforms
@@ -113,9 +114,11 @@ class TrainConfig:
         if self.method not in METHODS:
             raise UserError(f"method: unknown distillation method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method != "none":
-            if not self.teacher_checkpoint and check_files:
-                raise UserError(f"teacher_checkpoint: required for method {self.method!r}")
-            if check_files and not Path(self.teacher_checkpoint).is_file():
+            teacher_weights = (self.teacher or MINI_TEACHER).weights
+            if not (self.teacher_checkpoint or teacher_weights) and check_files:
+                raise UserError(f"teacher_checkpoint: required for method {self.method!r} "
+                                f"(or the teacher's weights: a torchvision name or a file)")
+            if check_files and self.teacher_checkpoint and not Path(self.teacher_checkpoint).is_file():
                 raise UserError(f"{self.teacher_checkpoint}: teacher checkpoint file not found")
             (self.teacher or MINI_TEACHER).validate("teacher")
         check_parameters(self.method, self.distill)
@@ -153,9 +156,12 @@ def build_distillation(cfg: "TrainConfig", num_classes: int) -> tuple[TeacherFea
 
     Teacher and student must give FPN levels of the same names and sizes; checked here, once.
     """
-    teacher_cfg = dataclasses.replace(cfg.teacher or MINI_TEACHER, num_classes=num_classes)
-    teacher_detector = build_detector(teacher_cfg)
-    load_weights(teacher_detector, cfg.teacher_checkpoint)
+    teacher_cfg = cfg.teacher or MINI_TEACHER
+    # Only the teacher's FPN is used: a COCO teacher keeps its own head (91 classes) whatever the data's.
+    teacher_cfg = dataclasses.replace(teacher_cfg, num_classes=weights_classes(teacher_cfg) or num_classes)
+    teacher_detector = build_detector(teacher_cfg, "teacher")
+    if cfg.teacher_checkpoint:
+        load_weights(teacher_detector, cfg.teacher_checkpoint)
     teacher_shapes = feature_shapes(teacher_detector, cfg.detector.image_size)
     student_shapes = feature_shapes(build_detector(cfg.detector), cfg.detector.image_size)
     if [(k, s[1:]) for k, s in teacher_shapes.items()] != [(k, s[1:]) for k, s in student_shapes.items()]:
@@ -251,8 +257,10 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimize
 
 @torch.no_grad()
 def evaluate_detector(detector: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int,
-                      progress: bool = False) -> tuple[dict[str, float], list[dict]]:
-    """COCO metrics of ``detector`` on ``dataset``; under DDP each rank predicts its share."""
+                      progress: bool = False, label_to_category: dict[int, int] | None = None) -> tuple[dict[str, float], list[dict]]:
+    """COCO metrics of ``detector`` on ``dataset``; under DDP each rank predicts its share. Predicted labels
+    map to the data's category ids through ``label_to_category`` (default: the data's own labels 1..K)."""
+    label_to_category = label_to_category or dataset.label_to_category
     was_training = detector.training
     detector.eval()
     indices = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
@@ -261,7 +269,7 @@ def evaluate_detector(detector: nn.Module, dataset: CocoDetection, device: torch
     results = []
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
         outputs = detector([image.to(device) for image in images])
-        results.extend(to_coco_results(outputs, targets, images, dataset.label_to_category))
+        results.extend(to_coco_results(outputs, targets, images, label_to_category))
     detector.train(was_training)
     everything = dist_utils.gather_to_main(results)
     metrics = coco_evaluate(dataset.coco, everything) if dist_utils.is_main() else None
@@ -284,6 +292,10 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
     """
     cfg.validate()
     data = data or load_data(cfg)
+    pretrained_classes = weights_classes(cfg.detector)
+    if pretrained_classes and pretrained_classes != data.train.num_classes:
+        raise UserError(f"detector.weights: {cfg.detector.weights} predicts {pretrained_classes - 1} classes, the data has "
+                        f"{data.train.num_classes - 1}; start from backbone_weights instead")
     detector_cfg = dataclasses.replace(cfg.detector, num_classes=data.train.num_classes)
     cfg = dataclasses.replace(cfg, detector=detector_cfg)
     device = resolve_device(cfg.device)
@@ -451,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher-backbone", help=f"one of: {', '.join(BACKBONES)} (default: resnet18)")
     distill.add_argument("--teacher-fpn-channels", type=int, help="default: 128")
     distill.add_argument("--teacher-head-convs", type=int, help="default: 4")
+    distill.add_argument("--teacher-weights", help="the teacher's weights instead of --teacher-checkpoint: a torchvision "
+                         "name (RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1) or a file")
     distill.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
                          help="a parameter of the method, e.g. --distill alpha=2e-5 (repeatable)")
     model = parser.add_argument_group("detector (default: the role's mini-benchmark detector)")
@@ -459,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fpn-channels", type=int, help="FPN width (a multiple of 32)")
     model.add_argument("--image-size", type=int, help="longer image side after resizing")
     model.add_argument("--head-convs", type=int, help="convs in each head tower")
+    model.add_argument("--weights", help="start the whole detector from these weights: a torchvision name or a file")
+    model.add_argument("--backbone-weights", help="start the backbone from these weights: a torchvision name "
+                       "(ResNet18_Weights.IMAGENET1K_V1) or a file; the body's BatchNorm is frozen, as torchvision does")
     return parser
 
 
@@ -485,11 +502,22 @@ def parse_assignment(text: str, option: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _detector_args(defaults: DetectorConfig, given: dict) -> dict:
+    """A role's default detector with the options given; a torchvision detector drops the default's
+    backbone, FPN width and towers (torchvision fixes them) unless they were given too."""
+    detector = to_dict(defaults)
+    if given.get("arch") in TORCHVISION_DETECTORS:
+        for key in ("backbone", "fpn_channels", "head_convs"):
+            detector.pop(key)
+    detector.update({k: v for k, v in given.items() if v is not None})
+    return detector
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     method = args.method or "none"
     teacher_options = [f"--{k.replace('_', '-')}" for k in ("distill", "teacher_checkpoint", "teacher_arch",
                                                              "teacher_backbone", "teacher_fpn_channels",
-                                                             "teacher_head_convs") if getattr(args, k)]
+                                                             "teacher_head_convs", "teacher_weights") if getattr(args, k)]
     if method == "none" and teacher_options:
         raise UserError(f"{teacher_options[0]}: only means something with --method (a distillation method); "
                         f"without one, nothing is distilled")
@@ -499,18 +527,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["out"] = f"runs/student_{method}"
     values["method"] = method
     values["teacher_checkpoint"] = args.teacher_checkpoint
-    teacher = to_dict(MINI_TEACHER)
-    for key in ("arch", "backbone", "fpn_channels", "head_convs"):
-        if getattr(args, f"teacher_{key}") is not None:
-            teacher[key] = getattr(args, f"teacher_{key}")
+    teacher = _detector_args(MINI_TEACHER, {k: getattr(args, f"teacher_{k}") for k in ("arch", "backbone", "fpn_channels",
+                                                                                  "head_convs", "weights")})
     if args.image_size is not None:
         teacher["image_size"] = args.image_size
     values["teacher"] = teacher
     values["distill"] = dict(parse_assignment(item, "--distill") for item in args.distill)
-    detector = {k: v for k, v in to_dict(values["detector"]).items()}
-    for key in ("arch", "backbone", "fpn_channels", "image_size", "head_convs"):
-        if getattr(args, key) is not None:
-            detector[key] = getattr(args, key)
+    detector = _detector_args(values["detector"], {k: getattr(args, k) for k in ("arch", "backbone", "fpn_channels",
+                                                                               "image_size", "head_convs", "weights",
+                                                                               "backbone_weights")})
     values["detector"] = detector
     for key in ("train_ann", "train_images", "val_ann", "val_images", "test_ann", "test_images", "data_dir", "out",
                 "epochs", "max_iters",

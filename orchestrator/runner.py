@@ -12,7 +12,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.utils.util import warn_if_slow
+from ray.util.queue import Queue
 
 from dmkd.errors import UserError
 from dmkd.io import atomic_write_json
@@ -26,6 +26,16 @@ from orchestrator.teacher import ensure_teacher, evaluate_teacher
 from orchestrator.trial import ATTENTION_PNG, flat_run_config, run_name, run_trial, trial_dirname, trial_train_config
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
+
+
+class _SendOnlyQueue(Queue):
+    """A trial's W&B queue whose ``put`` sends and does not wait. Ray's waits for the queue actor's reply,
+    and the first reply waits for that actor's process to start: 1.5-7 s of a stalled driver per trial
+    (measured with py-spy). The queue is unbounded and one caller's actor calls run in order, so nothing
+    is lost or reordered by not waiting."""
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        self.actor.put_nowait.remote(item)
 
 
 class DMKDWandbCallback(WandbLoggerCallback):
@@ -49,6 +59,7 @@ class DMKDWandbCallback(WandbLoggerCallback):
         self.kwargs.update(tags=[cfg.method, f"variant:{row or cfg.method}", f"seed:{cfg.seed}"], name=run_name(cfg, row),
                            config=flat_run_config(cfg, space=self._space, row=row, versions=self._versions))
         super().log_trial_start(trial)
+        self._trial_queues[trial].__class__ = _SendOnlyQueue  # same object and actor, a put that does not wait
 
     def _reference_final(self, seed) -> dict | None:
         if self._reference is None and self._reference_file is not None and self._reference_file.is_file():
@@ -159,12 +170,6 @@ def start_ray(address: str | None, space, env_vars: dict) -> None:
     # The legacy output engine: the only one whose status table takes chosen columns (StatusTable).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # tune_callbacks adds the two loggers we read
-    # Tune warns when handling one result takes over 0.5 s. Measured with py-spy: a trial's first result
-    # waits in the W&B callback's Queue.put for that trial's queue actor, whose process starts while the
-    # trial's own processes do (1.5 s on an idle 2-core machine, 3-5 s on a busy one); later puts take
-    # ~5 ms. The warning says nothing a user can act on at that size, so it speaks from 5 s (or from
-    # TUNE_WARN_THRESHOLD_S when set).
-    warn_if_slow.DEFAULT_THRESHOLD = float(os.environ.get("TUNE_WARN_THRESHOLD_S", 5.0))
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": env_vars}
@@ -237,7 +242,7 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
         tuner = build_tuner(space, name, storage, setup, wandb_mode, resume)
         if "://" not in storage:
             atomic_write_json(experiment / "sweep.json", {**record, "teacher_checkpoint": teacher, "data": paths})
-            if teacher and not (experiment / "teacher.json").is_file():
+            if space.method != "none" and not (experiment / "teacher.json").is_file():
                 atomic_write_json(experiment / "teacher.json", evaluate_teacher(space, paths, teacher))
             if space.method != "none" and space.reference:
                 write_reference(experiment, ensure_references(space, [space.seed], setup, reference_cache(storage)))

@@ -186,13 +186,29 @@ def check_pair(space: "SweepSpace", path: Path) -> None:
     from dmkd.models import build_detector, feature_shapes
 
     with torch.random.fork_rng(devices=[]):  # a small image is enough: both use one image_size (checked above)
-        shapes = {role: feature_shapes(build_detector(dataclasses.replace(getattr(space.pair, role), image_size=64)), 64)
+        shapes = {role: feature_shapes(build_detector(dataclasses.replace(getattr(space.pair, role), image_size=64, min_size=None,
+                                                                          weights=None, backbone_weights=None)), 64)
                   for role in ("teacher", "student")}
     levels = {role: [(k, s[1:]) for k, s in found.items()] for role, found in shapes.items()}
     if levels["teacher"] != levels["student"]:
         raise _fail(path, "pair", f"the teacher's FPN levels {levels['teacher']} differ from the student's "
                                   f"{levels['student']}: distillation compares them level by level; use the same "
                                   f"architecture family")
+
+
+def check_weights_spec(spec: str | None, path: Path, key: str) -> None:
+    """A weights name must be one torchvision knows (its file may still need downloading); a file must exist."""
+    from dmkd.weights import is_weights_name, torchvision_weights
+
+    if not spec:
+        return
+    if is_weights_name(spec):
+        try:
+            torchvision_weights(spec, key)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
+    elif not Path(spec).is_file():
+        raise _fail(path, key, f"{spec}: neither a file nor a torchvision weights name (Name_Weights.MEMBER)")
 
 
 def validate(space: SweepSpace, path: Path) -> SweepSpace:
@@ -204,10 +220,19 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
             detector.validate(where)
         except UserError as error:
             raise UserError(f"{path}: {error}") from None
-    if space.pair.teacher.image_size != space.pair.student.image_size:
-        raise _fail(path, "pair.student.image_size", "must equal pair.teacher.image_size (features are compared)")
-    if space.method != "none" and not (space.pair.teacher_checkpoint or space.pair.train_teacher):
-        raise _fail(path, "pair.teacher_checkpoint", "set a checkpoint path, or train_teacher: true")
+    for key in ("image_size", "min_size"):
+        if getattr(space.pair.teacher, key) != getattr(space.pair.student, key):
+            raise _fail(path, f"pair.student.{key}", f"must equal pair.teacher.{key} (features are compared)")
+    for where, detector in (("pair.teacher", space.pair.teacher), ("pair.student", space.pair.student)):
+        for key in ("weights", "backbone_weights"):
+            check_weights_spec(getattr(detector, key), path, f"{where}.{key}")
+    if space.pair.teacher.weights and space.pair.teacher_checkpoint:
+        raise _fail(path, "pair.teacher_checkpoint", "the teacher's weights are given (pair.teacher.weights): give one of the two")
+    if space.pair.teacher.weights and space.pair.train_teacher and space.method != "none":
+        raise _fail(path, "pair.train_teacher", "the teacher's weights are given (pair.teacher.weights), so it is "
+                                                "not trained: set train_teacher: false")
+    if space.method != "none" and not (space.pair.teacher_checkpoint or space.pair.train_teacher or space.pair.teacher.weights):
+        raise _fail(path, "pair.teacher_checkpoint", "set a checkpoint path, pair.teacher.weights, or train_teacher: true")
     if space.pair.teacher_epochs < 1:
         raise _fail(path, "pair.teacher_epochs", f"must be at least 1, but got {space.pair.teacher_epochs}")
     data = [space.data.train_ann, space.data.train_images, space.data.val_ann, space.data.val_images]

@@ -64,9 +64,13 @@ def progress_line(record: dict) -> str:
     return "  ".join(parts)
 
 
-def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print, flush=True)) -> str:
+def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print, flush=True)) -> str | None:
     """The teacher checkpoint path: ``pair.teacher_checkpoint``, or the cached one for this teacher,
-    data and seed, trained first (resumably) as a Ray task when missing."""
+    data and seed, trained first (resumably) as a Ray task when missing; None when the teacher comes
+    from its pretrained weights (``pair.teacher.weights``)."""
+    if space.pair.teacher.weights:
+        log(f"teacher: {space.pair.teacher.arch} with pretrained weights {space.pair.teacher.weights}")
+        return None
     if space.pair.teacher_checkpoint:
         if not Path(space.pair.teacher_checkpoint).is_file():
             raise UserError(f"pair.teacher_checkpoint: {space.pair.teacher_checkpoint}: file not found")
@@ -106,32 +110,40 @@ def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print,
     return str(final)  # its presence means the teacher finished
 
 
-def _evaluate(cfg_dict: dict, checkpoint: str) -> dict:
+def _evaluate(cfg_dict: dict, checkpoint: str | None) -> dict:
     import dataclasses
 
     import torch
 
-    from dmkd.models import build_detector, load_weights
+    from dmkd.models import build_detector, load_weights, weights_classes
     from dmkd.train import evaluate_detector, load_data
+    from dmkd.weights import categories, labels_by_name
 
     cfg = TrainConfig.from_dict(cfg_dict)
     data = load_data(cfg)
-    detector = build_detector(dataclasses.replace(cfg.detector, num_classes=data.train.num_classes))
-    load_weights(detector, checkpoint)
+    classes = weights_classes(cfg.detector) or data.train.num_classes
+    detector = build_detector(dataclasses.replace(cfg.detector, num_classes=classes), "pair.teacher")
+    if checkpoint:
+        load_weights(detector, checkpoint)
+    names = categories(cfg.detector.weights)
     figures = {}
     for split, dataset in (("val", data.val), ("test", data.test)):
         if dataset is not None:
-            found, _ = evaluate_detector(detector, dataset, torch.device("cpu"), cfg.batch_size)
+            # torchvision's COCO labels are COCO category ids; the data's are 1..K: matched by class name
+            mapping = labels_by_name(names, dataset.coco, f"pair.teacher.weights ({cfg.detector.weights})") if names else None
+            found, _ = evaluate_detector(detector, dataset, torch.device("cpu"), cfg.batch_size, label_to_category=mapping)
             figures.update({f"{split}/{k}": v for k, v in found.items()})
     return figures
 
 
-def recorded_figures(checkpoint: str, data_paths: dict) -> dict | None:
+def recorded_figures(checkpoint: str | None, data_paths: dict) -> dict | None:
     """The validation (and test) figures a ``dmkd.train`` checkpoint recorded after its last epoch, when
     that evaluation used these held-out images and annotations; None otherwise (a plain state dict, an
     older checkpoint, other held-out sets, or no evaluation in the last epoch)."""
     import torch
 
+    if checkpoint is None:
+        return None
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception:  # load_weights reports unreadable files; here they just mean "evaluate"
@@ -148,7 +160,7 @@ def recorded_figures(checkpoint: str, data_paths: dict) -> dict | None:
     return figures if complete else None
 
 
-def evaluate_teacher(space, data_paths: dict, checkpoint: str) -> dict:
+def evaluate_teacher(space, data_paths: dict, checkpoint: str | None) -> dict:
     """The teacher's COCO figures on the validation set (the report's teacher row): those its
     checkpoint recorded on the same validation set, else a fresh evaluation as a Ray task."""
     figures = recorded_figures(checkpoint, data_paths)

@@ -11,6 +11,7 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ["DMKD_OFFLINE"] = "1"  # a torchvision weights name never downloads in a test (dmkd.weights)
 
 
 def write_coco(folder: Path, images: list[dict], annotations: list[dict], categories: list[dict],

@@ -10,6 +10,8 @@ from dmkd.errors import UserError
 from orchestrator.searcher import PruningAwareOptunaSearch
 from orchestrator.space import DEFAULT_SPACE, define_by_run, load_space, paper_default_point
 
+FCOS_COCO = "FCOS_ResNet50_FPN_Weights.COCO_V1"
+
 
 def test_default_space_loads():
     space = load_space(DEFAULT_SPACE)
@@ -47,11 +49,14 @@ def test_a_trial_config_for_wandb_is_flat_complete_and_named_for_people():
         plain, space=space, row="none", versions={})
 
 
-@pytest.mark.parametrize("name", ["retinanet_r50_r18_coco.yaml", "fasterrcnn_r101_r50_coco.yaml"])
+@pytest.mark.parametrize("name", ["retinanet_r50_r18_coco.yaml", "fasterrcnn_r50_r18_coco.yaml"])
 def test_shipped_paper_scale_spaces_are_valid(name):
     space = load_space(DEFAULT_SPACE.parent / name)
     assert space.resources.use_gpu and space.pair.teacher.backbone != space.pair.student.backbone
-    assert space.train_config({}, teacher_checkpoint="t.pt").detector.image_size == 1333
+    assert space.train_config({}).detector.image_size == 1333 and space.pair.student.min_size == 800
+    # a torchvision COCO teacher and an ImageNet student backbone, as the papers start
+    assert space.pair.teacher.weights.endswith("_Weights.COCO_V1") and not space.pair.train_teacher
+    assert space.pair.student.backbone_weights == "ResNet18_Weights.IMAGENET1K_V1"
 
 
 def _write(tmp_path, change):
@@ -103,7 +108,29 @@ BAD = {
     "pair cannot be distilled": (lambda d: d["pair"]["student"].update(arch="fasterrcnn"),
                                  "pair: the teacher's FPN levels"),
     "test without val": (lambda d: d["data"].update(test_ann="t.json", test_images="t"), "data.test_ann: give test_ann"),
+    "unknown weights name": (lambda d: d["pair"]["student"].update(backbone_weights="ResNet18_Weights.IMAGENET9K"),
+                             "pair.student.backbone_weights: 'ResNet18_Weights.IMAGENET9K' is not a torchvision weights name"),
+    "weights file missing": (lambda d: d["pair"]["teacher"].update(weights="nowhere/teacher.pth"),
+                             "pair.teacher.weights: nowhere/teacher.pth: neither a file nor a torchvision weights name"),
+    "teacher weights and training": (lambda d: d["pair"]["teacher"].update(arch="fcos_resnet50_fpn", weights=FCOS_COCO,
+                                                                           backbone="resnet50", fpn_channels=256),
+                                     "pair.train_teacher: the teacher's weights are given"),
 }
+
+
+def test_a_pair_of_a_torchvision_coco_teacher_and_an_imagenet_student(tmp_path):
+    """Names are checked against torchvision's registry when the space loads; no file is read then."""
+    def pair(d):
+        d["pair"] = {"teacher": {"arch": "fcos_resnet50_fpn", "weights": FCOS_COCO, "image_size": 96},
+                     "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64, "image_size": 96,
+                                 "backbone_weights": "ResNet18_Weights.IMAGENET1K_V1"},
+                     "train_teacher": False}
+    space = load_space(_write(tmp_path, pair))
+    assert (space.pair.teacher.backbone, space.pair.teacher.fpn_channels) == ("resnet50", 256)
+    cfg = space.train_config({"alpha": 2e-5}, teacher_checkpoint=None)
+    assert cfg.teacher.weights == FCOS_COCO and cfg.teacher_checkpoint is None
+    assert cfg.detector.backbone_weights == "ResNet18_Weights.IMAGENET1K_V1"
+    cfg.validate(check_files=True)  # the teacher's weights stand in for a checkpoint
 
 
 @pytest.mark.parametrize("case", list(BAD))

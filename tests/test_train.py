@@ -231,7 +231,8 @@ def test_dmkd_training_lowers_the_distill_loss(mini_data, tmp_path):
 
 def test_cli_distillation_needs_a_teacher_checkpoint(tmp_path):
     run = _train_main("--method", "dmkd", "--out", str(tmp_path / "o"))
-    assert run.returncode == 2 and run.stderr.strip() == "error: teacher_checkpoint: required for method 'dmkd'"
+    assert run.returncode == 2 and run.stderr.strip() == ("error: teacher_checkpoint: required for method 'dmkd' "
+                                                          "(or the teacher's weights: a torchvision name or a file)")
     run = _train_main("--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and "t.pt: teacher checkpoint file not found" in run.stderr
     run = _train_main("--method", "kd", "--out", str(tmp_path / "o"))
