@@ -110,7 +110,7 @@ def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print,
     return str(final)  # its presence means the teacher finished
 
 
-def _evaluate(cfg_dict: dict, checkpoint: str | None) -> dict:
+def _evaluate(cfg_dict: dict, checkpoint: str | None, device: str = "cpu") -> dict:
     import dataclasses
 
     import torch
@@ -131,7 +131,8 @@ def _evaluate(cfg_dict: dict, checkpoint: str | None) -> dict:
         if dataset is not None:
             # torchvision's COCO labels are COCO category ids; the data's are 1..K: matched by class name
             mapping = labels_by_name(names, dataset.coco, f"pair.teacher.weights ({cfg.detector.weights})") if names else None
-            found, _ = evaluate_detector(detector, dataset, torch.device("cpu"), cfg.batch_size, label_to_category=mapping)
+            found, _ = evaluate_detector(detector.to(device), dataset, torch.device(device), cfg.batch_size,
+                                         label_to_category=mapping)
             figures.update({f"{split}/{k}": v for k, v in found.items()})
     return figures
 
@@ -167,6 +168,8 @@ def evaluate_teacher(space, data_paths: dict, checkpoint: str | None) -> dict:
     source = "checkpoint"
     if figures is None:
         cfg = teacher_config(space, data_paths, Path("."))
-        figures = ray.get(ray.remote(num_cpus=1)(_evaluate).remote(to_dict(cfg), checkpoint))
+        gpu = space.resources.use_gpu  # a COCO-sized teacher on a CPU would hold the sweep back for an hour
+        figures = ray.get(ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_evaluate).remote(
+            to_dict(cfg), checkpoint, "cuda" if gpu else "cpu"))
         source = "evaluated"
     return {"checkpoint": checkpoint, "detector": to_dict(space.pair.teacher), "figures_from": source, **figures}
