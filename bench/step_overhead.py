@@ -25,7 +25,7 @@ from dmkd.distillers import build_distiller
 from dmkd.models import DetectorConfig, TeacherFeatures, build_detector, feature_shapes
 from dmkd.train import StudentWithDistiller
 
-METHODS = ("none", "fitnet", "mgd", "fgd", "dmkd")
+METHODS = ("none", "fitnet", "pkd", "mgd", "fgd", "dmkd")
 CONFIGS = {
     "mini": dict(teacher=DetectorConfig(arch="fcos", backbone="resnet18", fpn_channels=128, image_size=96),
                  student=DetectorConfig(arch="fcos", backbone="resnet10_quarter", fpn_channels=64, image_size=96,

@@ -166,6 +166,23 @@ def test_fgd_foreground_mask_covers_the_boxes():
     assert fg[1].sum() == 0 and bg[1].sum().item() == pytest.approx(1.0)
 
 
+def test_pkd_loss_on_hand_checked_tensors():
+    """One channel, four positions (batch 1, 2x2): the loss is weight (n-1)/n (1 - r) with the sample
+    standard deviation, so r = 0 gives 6 * 3/4 = 4.5, r = -1 gives 9, any positive affine copy 0."""
+    from dmkd.distillers import PKDLoss
+
+    loss = PKDLoss(1, 1)  # the paper's weight 6, no aligner at equal widths
+    assert loss.align is None and not list(loss.parameters())
+    teacher = torch.tensor([[[[1.0, 0.0], [-1.0, 0.0]]]])
+    orthogonal = torch.tensor([[[[0.0, 1.0], [0.0, -1.0]]]])  # Pearson r = 0
+    assert loss(orthogonal, teacher).item() == pytest.approx(4.5, rel=1e-5)
+    assert loss(-teacher, teacher).item() == pytest.approx(9.0, rel=1e-5)
+    assert loss(3 * teacher + 5, teacher).item() == pytest.approx(0.0, abs=1e-5)  # magnitude is not imitated
+    # two channels, each standardised on its own: their mean; and the weight scales linearly
+    pair_s, pair_t = torch.cat([orthogonal, 7 * teacher], 1), torch.cat([teacher, teacher], 1)
+    assert PKDLoss(2, 2, weight=2.0)(pair_s, pair_t).item() == pytest.approx((1.5 + 0.0) / 2, rel=1e-5)
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
 def test_every_distiller_has_the_same_contract(method):
     torch.manual_seed(8)

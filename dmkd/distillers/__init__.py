@@ -11,17 +11,19 @@ import inspect
 from functools import partial
 
 
-from dmkd.distillers import dmkd, fgd, fitnet, mgd
+from dmkd.distillers import dmkd, fgd, fitnet, mgd, pkd
 from dmkd.distillers.base import DistillContext, MultiLevel
 from dmkd.distillers.dmkd import DMKDLoss
 from dmkd.distillers.fgd import FGDLoss
 from dmkd.distillers.fitnet import FitNetLoss
 from dmkd.distillers.mgd import MGDLoss
+from dmkd.distillers.pkd import PKDLoss
 from dmkd.errors import UserError
 
 METHODS: dict[str, partial | None] = {
     "none": None,
     "fitnet": partial(FitNetLoss),
+    "pkd": partial(PKDLoss),
     "mgd": partial(MGDLoss),
     "fgd": partial(FGDLoss),
     "dmkd": partial(DMKDLoss),
@@ -33,6 +35,7 @@ METHODS: dict[str, partial | None] = {
 SEARCH_SPACES: dict[str, dict[str, dict]] = {
     "none": {},
     "fitnet": fitnet.SEARCH,
+    "pkd": pkd.SEARCH,
     "mgd": mgd.SEARCH,
     "fgd": fgd.SEARCH,
     "dmkd": dmkd.SEARCH,
@@ -110,5 +113,5 @@ def build_distiller(method: str, student_channels: int, teacher_channels: int, l
     return MultiLevel(method, losses)
 
 
-__all__ = ["METHODS", "SEARCH_SPACES", "DistillContext", "check_parameters", "DMKDLoss", "FGDLoss", "FitNetLoss", "MGDLoss", "MultiLevel",
+__all__ = ["METHODS", "SEARCH_SPACES", "DistillContext", "check_parameters", "DMKDLoss", "FGDLoss", "FitNetLoss", "MGDLoss", "MultiLevel", "PKDLoss",
            "build_distiller", "method_parameters", "method_settings"]
