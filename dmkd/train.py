@@ -32,7 +32,7 @@ from dmkd.data import CocoDetection, EpochTaggedSampler, SeededAugmentation, col
 from dmkd.errors import UserError, one_line, run_command
 from dmkd.evaluate import coco_evaluate
 from dmkd.io import atomic_write, atomic_write_json
-from dmkd.distillers import DistillContext, METHODS, build_distiller, check_parameters
+from dmkd.distillers import DistillContext, METHODS, build_distiller, check_method, check_parameters
 from dmkd.models import (TORCHVISION_DETECTORS, DetectorConfig, FeatureTap, TeacherFeatures, build_detector,
                          feature_shapes, load_weights, weights_classes)
 from dmkd.provenance import provenance
@@ -111,8 +111,7 @@ class TrainConfig:
             raise UserError(f"lr: must be positive, but got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device: must be 'auto', 'cpu' or 'cuda', but got {self.device!r}")
-        if self.method not in METHODS:
-            raise UserError(f"method: unknown distillation method {self.method!r}; choose one of {', '.join(METHODS)}")
+        check_method(self.method)
         if self.method != "none":
             teacher_weights = (self.teacher or MINI_TEACHER).weights
             if not (self.teacher_checkpoint or teacher_weights) and check_files:

@@ -22,8 +22,7 @@ def _upsampled(map_: torch.Tensor, size: tuple[int, int], mode: str):
 
 
 def render_attention(image: torch.Tensor, teacher_features: dict[str, torch.Tensor], path: str | os.PathLike, *,
-                     temperature: float = 0.5, spatial_ratio: float = 0.65, mask_mode: str = "topk",
-                     masked: str = "important") -> Path:
+                     temperature: float, spatial_ratio: float, mask_mode: str, masked: str) -> Path:
     """Write a PNG with one row per FPN level: the teacher's spatial attention blended over the image,
     the spatial mask it guides outlined on the image (masked pixels dimmed), and the channel attention.
     ``image`` is 3 x H x W in [0, 1]; features are 1 x C x h x w."""

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from dmkd.config import from_dict
-from dmkd.distillers import METHODS, SEARCH_SPACES, method_parameters
+from dmkd.distillers import SEARCH_SPACES, check_method, method_parameters
 from dmkd.errors import UserError, run_command
 from dmkd.io import atomic_write_json, read_json
 from dmkd.provenance import provenance
@@ -69,8 +69,10 @@ def _rows(data: dict, space, path: Path) -> dict:
                             f"allowed: method, params, tune")
         if not isinstance(row.get("tune", True), bool):
             raise UserError(f"{path}: {where}.tune: must be true or false, but got {row['tune']!r}")
-        if row["method"] not in METHODS:
-            raise UserError(f"{path}: {where}.method: unknown method {row['method']!r}; allowed: {', '.join(METHODS)}")
+        try:
+            check_method(row["method"], f"{where}.method")
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
         params = row.get("params") or {}
         if not isinstance(params, dict):
             raise UserError(f"{path}: {where}.params: must map parameter names to values, but got {params!r}")

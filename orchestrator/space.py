@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from dmkd.config import from_dict, to_dict
-from dmkd.distillers import METHODS, check_parameters, method_parameters
+from dmkd.distillers import check_method, check_parameters, method_parameters
 from dmkd.errors import UserError
 from dmkd.evaluate import METRIC_NAMES
 from dmkd.models import DetectorConfig
@@ -212,8 +212,10 @@ def check_weights_spec(spec: str | None, path: Path, key: str) -> None:
 
 
 def validate(space: SweepSpace, path: Path) -> SweepSpace:
-    if space.method not in METHODS:
-        raise _fail(path, "method", f"unknown method {space.method!r}; allowed: {', '.join(METHODS)}")
+    try:
+        check_method(space.method)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
     allowed = _allowed_names(space.method)
     for where, detector in (("pair.teacher", space.pair.teacher), ("pair.student", space.pair.student)):
         try:

@@ -35,10 +35,9 @@ def _render_attention_png(cfg: TrainConfig, data, teacher, folder: Path) -> None
     image, _ = data.val[0]
     device = next(teacher.parameters()).device
     features = {k: v.cpu() for k, v in teacher([image.to(device)]).items()}  # TeacherFeatures runs under no_grad
-    params = {**method_parameters(cfg.method), **cfg.distill}
-    render_attention(image, features, folder / ATTENTION_PNG, temperature=params.get("temperature", 0.5),
-                     spatial_ratio=params.get("spatial_ratio", 0.65), mask_mode=params.get("mask_mode", "topk"),
-                     masked=params.get("masked", "important"))
+    params = {**method_parameters(cfg.method), **cfg.distill}  # the loss's own defaults: one source
+    render_attention(image, features, folder / ATTENTION_PNG, temperature=params["temperature"],
+                     spatial_ratio=params["spatial_ratio"], mask_mode=params["mask_mode"], masked=params["masked"])
 
 
 def train_worker(config: dict) -> None:

@@ -202,7 +202,7 @@ def test_every_distiller_has_the_same_contract(method):
 
 def test_build_distiller_errors_name_the_field():
     assert build_distiller("none", 8, 8, ["0"]) is None
-    with pytest.raises(UserError, match="unknown distillation method 'kd'"):
+    with pytest.raises(UserError, match="method: unknown method 'kd'; allowed: none, fitnet, pkd"):
         build_distiller("kd", 8, 8, ["0"])
     with pytest.raises(UserError, match=r"distill\.lambda_mgd: not a parameter of method 'dmkd'"):
         build_distiller("dmkd", 8, 8, ["0"], {"lambda_mgd": 0.5})
@@ -215,7 +215,9 @@ def test_attention_png(tmp_path):
     from dmkd.visualize import render_attention
 
     features = {"0": torch.randn(1, 8, 12, 12), "1": torch.randn(1, 8, 6, 6)}
-    path = render_attention(torch.rand(3, 96, 96), features, tmp_path / "attention.png")
+    path = render_attention(torch.rand(3, 96, 96), features, tmp_path / "attention.png",
+                            **{k: v for k, v in method_parameters("dmkd").items()
+                               if k in ("temperature", "spatial_ratio", "mask_mode", "masked")})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
 
 

@@ -62,9 +62,14 @@ def method_settings(method: str) -> dict[str, object]:
     return {} if factory is None else {**factory.keywords, **method_parameters(method)}
 
 
-def _factory(method: str) -> partial | None:
+def check_method(method: str, where: str = "method") -> None:
+    """The one check of a method's name, for every place that reads one (``where`` names the key)."""
     if method not in METHODS:
-        raise UserError(f"method: unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UserError(f"{where}: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+
+
+def _factory(method: str) -> partial | None:
+    check_method(method)
     return METHODS[method]
 
 
@@ -114,4 +119,4 @@ def build_distiller(method: str, student_channels: int, teacher_channels: int, l
 
 
 __all__ = ["METHODS", "SEARCH_SPACES", "DistillContext", "check_parameters", "DMKDLoss", "FGDLoss", "FitNetLoss", "MGDLoss", "MultiLevel", "PKDLoss",
-           "build_distiller", "method_parameters", "method_settings"]
+           "build_distiller", "check_method", "method_parameters", "method_settings"]
