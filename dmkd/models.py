@@ -223,8 +223,8 @@ class FeatureTap:
 
 
 def fold_batch_norms(module: nn.Module) -> None:
-    """Fold each BatchNorm2d (or FrozenBatchNorm2d) that follows a conv in a torchvision ResNet (``convN``/``bnN`` attribute pairs
-    and ``downsample = Sequential(conv, bn)``) into that conv, in place.
+    """Fold each BatchNorm2d (or a pretrained body's FrozenBatchNorm2d) that follows a conv in a torchvision
+    ResNet (``convN``/``bnN`` attribute pairs and ``downsample = Sequential(conv, bn)``) into that conv, in place.
 
     Exact up to float rounding for frozen statistics, and it removes one full pass over every activation
     of the backbone: the frozen teacher's forward is ~19 % faster on the COCO-sized pair (BENCHMARKS.md).
