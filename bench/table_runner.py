@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,10 @@ def _train(entry: dict, runs: str, device: str) -> tuple[str, float, float | Non
     started = time.monotonic()
     metrics = fit(cfg, progress=False)
     return entry["id"], time.monotonic() - started, metrics.get("val/AP")
+
+
+def _train_entry(job: tuple[dict, str, str]) -> tuple[str, float, float | None]:
+    return _train(*job)
 
 
 def finished(run: Path, epochs: int) -> bool:
@@ -74,10 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     todo = [e for e in plan if not finished(args.runs / e["id"], e["config"]["epochs"])]
     print(f"{len(plan)} runs in the plan, {len(todo)} to train, {args.parallel} at a time", flush=True)
     started = time.monotonic()
-    with ProcessPoolExecutor(args.parallel) as pool:
-        futures = [pool.submit(_train, entry, str(args.runs), args.device) for entry in todo]
-        for done, future in enumerate(as_completed(futures), 1):
-            run_id, seconds, ap = future.result()
+    # A stop (Ctrl-C, or `timeout`'s SIGTERM on a lent machine) ends the runs too: a pool's workers would
+    # otherwise go on training after their parent is gone.
+    pool = multiprocessing.Pool(args.parallel)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # set after the fork: the workers keep the default
+    try:
+        runs = pool.imap_unordered(_train_entry, [(entry, str(args.runs), args.device) for entry in todo])
+        for done, (run_id, seconds, ap) in enumerate(runs, 1):
             if args.copy_to:
                 target = args.copy_to / run_id
                 target.mkdir(parents=True, exist_ok=True)
@@ -85,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copy(args.runs / run_id / name, target / name)
             print(f"{done}/{len(todo)} {run_id}: val AP {ap:.3f} in {seconds:.0f} s "
                   f"({time.monotonic() - started:.0f} s elapsed)", flush=True)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
     return 0
 
 
