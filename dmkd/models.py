@@ -27,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dmkd.errors import UserError
-from dmkd.weights import categories, freeze_pretrained, load_into, load_state
+from dmkd.weights import categories, freeze_pretrained, load_into, load_state, read_state_dict
 
 
 def _slim_resnet(widths: tuple[int, int, int, int], blocks: tuple[int, int, int, int]) -> Callable[[], nn.Module]:
@@ -72,6 +72,7 @@ BACKBONES: dict[str, Callable[[], nn.Module]] = {
 TORCHVISION_DETECTORS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
                          "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
 ARCHITECTURES = ("fcos", "retinanet", "fasterrcnn", *TORCHVISION_DETECTORS)
+TORCHVISION_FIXED = (("backbone", "resnet50"), ("fpn_channels", 256), ("head_convs", 4))  # in every one of them
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class DetectorConfig:
         # A torchvision detector fixes its backbone, FPN width and towers: left at the defaults, they
         # take torchvision's values, so configs and W&B runs say what was built.
         if self.arch in TORCHVISION_DETECTORS:
-            for name, value in (("backbone", "resnet50"), ("fpn_channels", 256), ("head_convs", 4)):
+            for name, value in TORCHVISION_FIXED:
                 if getattr(self, name) == getattr(DetectorConfig, name):
                     object.__setattr__(self, name, value)
 
@@ -102,7 +103,7 @@ class DetectorConfig:
         if self.arch not in ARCHITECTURES:
             raise UserError(f"{where}.arch: unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.arch in TORCHVISION_DETECTORS:
-            for name, value in (("backbone", "resnet50"), ("fpn_channels", 256), ("head_convs", 4)):
+            for name, value in TORCHVISION_FIXED:
                 if getattr(self, name) != value:
                     raise UserError(f"{where}.{name}: {self.arch} is torchvision's model ({name} {value}); "
                                     f"leave {name} out or set {value}")
@@ -285,12 +286,7 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise UserError(f"{path}: not a readable torch checkpoint ({type(error).__name__})") from error
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    state = read_state_dict(path, str(path))
     try:
         module.load_state_dict(state)
     except RuntimeError as error:

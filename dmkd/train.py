@@ -33,7 +33,7 @@ from dmkd.errors import UserError, one_line, run_command
 from dmkd.evaluate import coco_evaluate
 from dmkd.io import atomic_write, atomic_write_json
 from dmkd.distillers import DistillContext, METHODS, build_distiller, check_method, check_parameters
-from dmkd.models import (TORCHVISION_DETECTORS, DetectorConfig, FeatureTap, TeacherFeatures, build_detector,
+from dmkd.models import (TORCHVISION_DETECTORS, TORCHVISION_FIXED, DetectorConfig, FeatureTap, TeacherFeatures, build_detector,
                          feature_shapes, load_weights, weights_classes)
 from dmkd.provenance import provenance
 from dmkd.synthetic import ensure_mini_benchmark
@@ -506,7 +506,7 @@ def _detector_args(defaults: DetectorConfig, given: dict) -> dict:
     backbone, FPN width and towers (torchvision fixes them) unless they were given too."""
     detector = to_dict(defaults)
     if given.get("arch") in TORCHVISION_DETECTORS:
-        for key in ("backbone", "fpn_channels", "head_convs"):
+        for key, _ in TORCHVISION_FIXED:
             detector.pop(key)
     detector.update({k: v for k, v in given.items() if v is not None})
     return detector

@@ -67,22 +67,23 @@ def load_state(spec: str, where: str) -> dict:
             except Exception as error:  # no network, a proxy, a bad hash: all end the same way
                 raise UserError(f"{where}: {spec} is not in torch's cache and could not be downloaded "
                                 f"({type(error).__name__}); {hint}") from None
-        return _read(file, where)
+        return read_state_dict(file, f"{where}: {file}")
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"{where}: {spec}: neither a file nor a torchvision weights name (Name_Weights.MEMBER)")
-    return _read(path, where)
+    return read_state_dict(path, f"{where}: {path}")
 
 
-def _read(path: Path, where: str) -> dict:
+def read_state_dict(path: Path, where: str) -> dict:
+    """A local file's state dict: a bare one, or a training checkpoint's ``model``; ``where`` heads errors."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise UserError(f"{where}: {path}: not a readable torch checkpoint ({type(error).__name__})") from None
+        raise UserError(f"{where}: not a readable torch checkpoint ({type(error).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise UserError(f"{where}: {path}: holds no state dict")
+        raise UserError(f"{where}: holds no state dict")
     return state
 
 
