@@ -53,10 +53,20 @@ def categories(spec: str | None) -> list[str] | None:
     return torchvision_weights(spec, "weights").meta.get("categories")
 
 
+def check_spec(spec: str, where: str):
+    """Without reading any file: the torchvision ``WeightsEnum`` member a name gives (its file may still
+    need downloading), or None for a local file, which must exist."""
+    if is_weights_name(spec):
+        return torchvision_weights(spec, where)
+    if not Path(spec).is_file():
+        raise UserError(f"{where}: {spec}: neither a file nor a torchvision weights name (Name_Weights.MEMBER)")
+    return None
+
+
 def load_state(spec: str, where: str) -> dict:
     """The state dict a weights spec names; ``where`` (e.g. ``pair.teacher.weights``) heads every error."""
-    if is_weights_name(spec):
-        weights = torchvision_weights(spec, where)
+    weights = check_spec(spec, where)
+    if weights is not None:
         file = cached_file(weights)
         if not file.is_file():
             hint = f"put {file.name} (from {weights.url}) into {file.parent}"
@@ -68,10 +78,7 @@ def load_state(spec: str, where: str) -> dict:
                 raise UserError(f"{where}: {spec} is not in torch's cache and could not be downloaded "
                                 f"({type(error).__name__}); {hint}") from None
         return read_state_dict(file, f"{where}: {file}")
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"{where}: {spec}: neither a file nor a torchvision weights name (Name_Weights.MEMBER)")
-    return read_state_dict(path, f"{where}: {path}")
+    return read_state_dict(Path(spec), f"{where}: {spec}")
 
 
 def read_state_dict(path: Path, where: str) -> dict:

@@ -198,17 +198,13 @@ def check_pair(space: "SweepSpace", path: Path) -> None:
 
 def check_weights_spec(spec: str | None, path: Path, key: str) -> None:
     """A weights name must be one torchvision knows (its file may still need downloading); a file must exist."""
-    from dmkd.weights import is_weights_name, torchvision_weights
+    from dmkd.weights import check_spec
 
-    if not spec:
-        return
-    if is_weights_name(spec):
+    if spec:
         try:
-            torchvision_weights(spec, key)
+            check_spec(spec, key)
         except UserError as error:
             raise UserError(f"{path}: {error}") from None
-    elif not Path(spec).is_file():
-        raise _fail(path, key, f"{spec}: neither a file nor a torchvision weights name (Name_Weights.MEMBER)")
 
 
 def validate(space: SweepSpace, path: Path) -> SweepSpace:
