@@ -5,7 +5,8 @@ beside each step's FLOPs and the time of the teacher's forward within it.
     python bench/step_overhead.py --config coco --device cuda --bf16 --channels-last
 
 A step is what dmkd.train does per iteration: the teacher's backbone + FPN (no grad; not for
-``none``), the student's forward with its detector loss, the distill loss, backward, optimizer step.
+``none``; its head too for crosskd), the student's forward with its detector loss, the distill loss,
+backward, optimizer step.
 Configurations:
 - mini: the mini-benchmark pair, FCOS ResNet-18 FPN-128 -> FCOS slim ResNet-10 FPN-64, 96 px, batch 8;
 - coco: RetinaNet ResNet-50 FPN-256 -> RetinaNet ResNet-18 FPN-256, 800 x 1216 input, batch 1 (CPU) or 2.
@@ -22,10 +23,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmkd.distillers import build_distiller
+from dmkd.heads import head_family
 from dmkd.models import DetectorConfig, TeacherFeatures, build_detector, feature_shapes
-from dmkd.train import StudentWithDistiller
+from dmkd.step import StudentWithDistiller, teacher_outputs
 
-METHODS = ("none", "fitnet", "pkd", "mgd", "fgd", "dmkd")
+METHODS = ("none", "fitnet", "pkd", "mgd", "fgd", "dmkd", "crosskd", "dmkd+crosskd")
 CONFIGS = {
     "mini": dict(teacher=DetectorConfig(arch="fcos", backbone="resnet18", fpn_channels=128, image_size=96),
                  student=DetectorConfig(arch="fcos", backbone="resnet10_quarter", fpn_channels=64, image_size=96,
@@ -59,9 +61,11 @@ def build_step(method: str, spec: dict, device: torch.device, bf16: bool, channe
     student = build_detector(spec["student"])
     teacher_detector = build_detector(spec["teacher"])
     shapes = feature_shapes(student, spec["student"].image_size)
-    distiller = build_distiller(method, spec["student"].fpn_channels, spec["teacher"].fpn_channels, list(shapes))
+    distiller = build_distiller(method, spec["student"].fpn_channels, spec["teacher"].fpn_channels, list(shapes),
+                                family=head_family(spec["student"].arch) or "fcos")
     model = StudentWithDistiller(student, distiller).to(device).train()
-    teacher = TeacherFeatures(teacher_detector).to(device) if distiller is not None else None
+    head_layer = getattr(distiller, "tower_layer", None)
+    teacher = TeacherFeatures(teacher_detector, head_layer=head_layer).to(device) if distiller is not None else None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
@@ -76,9 +80,9 @@ def build_step(method: str, spec: dict, device: torch.device, bf16: bool, channe
     def step() -> tuple[float, float]:
         started = sync()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            teacher_features = teacher(images) if teacher is not None else None
+            teacher_features, teacher_head = teacher_outputs(teacher, distiller, images)
             teacher_done = sync()
-            losses = model(images, targets, teacher_features)
+            losses = model(images, targets, teacher_features, teacher_head)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

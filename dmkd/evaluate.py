@@ -1,4 +1,5 @@
-"""COCO bbox evaluation with pycocotools ``COCOeval``.
+"""COCO bbox evaluation with pycocotools ``COCOeval``, and a detector's evaluation on a data set
+(under DDP each rank predicts its share).
 
     python -m dmkd.evaluate --ann instances_val.json --results results.json
 prints one JSON object: AP, AP50, AP75, APs, APm, APl and AR1, AR10, AR100, ARs, ARm, ARl.
@@ -13,10 +14,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch import nn
+from tqdm import tqdm
 
-from dmkd.data import check_records, is_box, is_id, is_number, load_coco
+from dmkd import distributed as dist_utils
+from dmkd.data import CocoDetection, check_records, collate, is_box, is_id, is_number, load_coco, to_coco_results
 from dmkd.errors import UserError, one_line
 from dmkd.io import read_json
 
@@ -38,6 +43,27 @@ def coco_evaluate(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
         evaluator.accumulate()
         evaluator.summarize()
     return {name: float(np.round(value, 6)) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+
+
+@torch.no_grad()
+def evaluate_detector(detector: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int,
+                      progress: bool = False, label_to_category: dict[int, int] | None = None) -> tuple[dict[str, float], list[dict]]:
+    """COCO metrics of ``detector`` on ``dataset``; under DDP each rank predicts its share. Predicted labels
+    map to the data's category ids through ``label_to_category`` (default: the data's own labels 1..K)."""
+    label_to_category = label_to_category or dataset.label_to_category
+    was_training = detector.training
+    detector.eval()
+    indices = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         shuffle=False, collate_fn=collate)
+    results = []
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        outputs = detector([image.to(device) for image in images])
+        results.extend(to_coco_results(outputs, targets, images, label_to_category))
+    detector.train(was_training)
+    everything = dist_utils.gather_to_main(results)
+    metrics = coco_evaluate(dataset.coco, everything) if dist_utils.is_main() else None
+    return dist_utils.broadcast_from_main(metrics), (everything or [])
 
 
 def load_results(path: str | Path, coco_gt: COCO) -> list[dict]:

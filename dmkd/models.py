@@ -27,6 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dmkd.errors import UserError
+from dmkd.heads import HeadTap, HeadView
 from dmkd.weights import categories, freeze_pretrained, load_into, load_state, read_state_dict
 
 
@@ -250,16 +251,19 @@ def fold_batch_norms(module: nn.Module) -> None:
 
 
 class TeacherFeatures(nn.Module):
-    """Runs only a teacher detector's transform, backbone and FPN: eval mode, no gradients, no head.
+    """Runs a teacher detector's transform, backbone and FPN: eval mode, no gradients; its head only for
+    a head-level distiller (``head_layer``: the tower block whose features it reads), through
+    :meth:`head_view`.
 
     Takes the detector over: its BatchNorms are folded into the convs before them (the teacher's
     statistics are frozen), so load the teacher's weights before wrapping it.
     """
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, head_layer: int | None = None):
         super().__init__()
         self.detector = detector.eval().requires_grad_(False)
         fold_batch_norms(self.detector.backbone)
+        self._head_tap = HeadTap(self.detector, head_layer, keep_loss_inputs=False) if head_layer else None
 
     def train(self, mode: bool = True) -> "TeacherFeatures":
         return super().train(False)  # the teacher's BatchNorm statistics stay frozen
@@ -268,6 +272,16 @@ class TeacherFeatures(nn.Module):
     def forward(self, images: list[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         image_list, _ = self.detector.transform(images)
         return self.detector.backbone(image_list.tensors)
+
+    @torch.no_grad()
+    def head_view(self, features: OrderedDict[str, torch.Tensor]) -> HeadView:
+        """The teacher head's outputs and tower features for these FPN features."""
+        if self._head_tap is None:
+            raise RuntimeError("TeacherFeatures.head_view: built without head_layer")
+        self.detector.head(list(features.values()))
+        view = self._head_tap.pop()
+        view.detector = self.detector
+        return view
 
 
 def feature_shapes(detector: nn.Module, image_size: int) -> OrderedDict[str, tuple[int, int, int]]:

@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 from dmkd.config import from_dict
-from dmkd.distillers import SEARCH_SPACES, check_method, method_parameters
+from dmkd.distillers import check_method, method_parameters, search_space
 from dmkd.errors import UserError, run_command
 from dmkd.io import atomic_write_json, read_json
 from dmkd.provenance import provenance
-from dmkd.train import parse_assignment
-from orchestrator.reference import REFERENCE_ROW, ensure_references, reference_cache
+from dmkd.cli import parse_assignment
+from orchestrator.rows import REFERENCE_ROW, Row, TrialSetup, rows_record
 from orchestrator.space import (DEFAULT_SPACE, SCHEDULERS, TRAIN_KEYS, Objective, Param, check_pair, check_values,
                                 describe, load_space, paper_default_point, read_yaml)
 from orchestrator.sweep import WANDB_MODES, check_name, resolve_storage, resolve_wandb_mode
@@ -85,12 +84,12 @@ def _rows(data: dict, space, path: Path) -> dict:
                 raise UserError(f"{path}: {where}.params.{key}: not a parameter of method {row['method']!r}; "
                                 f"allowed: {', '.join(accepted) or 'none'}")
         check_values(space, row["method"], params, path, f"{where}.params")
-        checked[str(name)] = {"method": row["method"], "params": dict(params), "tune": row.get("tune", True)}
-    references = [name for name, row in checked.items() if row["method"] == "none"]
+        checked[str(name)] = Row(row["method"], dict(params), row.get("tune", True))
+    references = [name for name, row in checked.items() if row.method == "none"]
     if len(references) > 1:
         raise UserError(f"{path}: rows.{references[1]}: only one row may use method 'none' (the reference row)")
-    reference = {references[0] if references else "none": {**REFERENCE_ROW, "tune": False}}
-    return {**reference, **{name: row for name, row in checked.items() if row["method"] != "none"}}
+    reference = {references[0] if references else "none": REFERENCE_ROW}
+    return {**reference, **{name: row for name, row in checked.items() if row.method != "none"}}
 
 
 def _tune_block(data, path: Path, trials: int | None, space) -> TuneBlock:
@@ -141,7 +140,7 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     count = seeds if seeds is not None else data.get("seeds", 3)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise UserError(f"{path}: seeds: must be a positive integer, but got {count!r}")
-    needs_teacher = any(row["method"] != "none" for row in rows.values())
+    needs_teacher = any(row.method != "none" for row in rows.values())
     if needs_teacher and not (space.pair.teacher_checkpoint or space.pair.train_teacher):
         raise UserError(f"{base}: pair.teacher_checkpoint: set a checkpoint path, or train_teacher: true")
     if needs_teacher and space.method == "none":  # load_space checked the pair already for a distilling base
@@ -150,18 +149,18 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
                 seeds=[space.seed + i for i in range(count)], tune=tune)
 
 
-def row_space(grid: Grid, row: dict):
+def row_space(grid: Grid, row: Row):
     """The sweep that tunes one row: the method's declared search space (``SEARCH_SPACES``), the row's
     own parameters as fixed values and first point, the grid's tuning budget, selected on val/AP."""
     space = grid.space
-    search = {name: from_dict(Param, spec, where=f"search.{name}") for name, spec in SEARCH_SPACES[row["method"]].items()}
+    search = {name: from_dict(Param, spec, where=f"search.{name}") for name, spec in search_space(row.method).items()}
     return dataclasses.replace(
-        space, method=row["method"], fixed={**space.fixed, **row["params"]}, search=search,
+        space, method=row.method, fixed={**space.fixed, **row.params}, search=search,
         num_samples=grid.tune.trials, budget=dataclasses.replace(space.budget, epochs=grid.tune.epochs),
         scheduler=dataclasses.replace(space.scheduler, type=grid.tune.scheduler), objective=Objective())
 
 
-def tune_rows(grid: Grid, setup: dict, *, storage: str, name: str, wandb_mode: str) -> tuple[dict, dict]:
+def tune_rows(grid: Grid, setup: TrialSetup, *, storage: str, name: str, wandb_mode: str) -> tuple[dict, dict]:
     """Tune every row with searchable parameters, one Optuna study each with the same budget; returns
     the rows with their chosen parameters, and what each tuning run searched, ran and chose."""
     from orchestrator.results import trial_rows, write_results
@@ -172,21 +171,21 @@ def tune_rows(grid: Grid, setup: dict, *, storage: str, name: str, wandb_mode: s
     rows, tuning = {}, {}
     folder = f"{storage.rstrip('/')}/{name}/tune"
     for row_name, row in grid.rows.items():
-        if not (SEARCH_SPACES[row["method"]] and row["tune"]):
-            note = "nothing to tune" if not SEARCH_SPACES[row["method"]] else "not tuned (tune: false)"
+        if not (search_space(row.method) and row.tune):
+            note = "nothing to tune" if not search_space(row.method) else "not tuned (tune: false)"
             rows[row_name], tuning[row_name] = row, {"trials": 0, "epochs": 0, "searched": {}, "chosen": {}, "note": note}
             continue
         space = row_space(grid, row)
-        print(f"tune: {row_name} ({row['method']}): {space.num_samples} trials x {space.budget.epochs} epochs, "
+        print(f"tune: {row_name} ({row.method}): {space.num_samples} trials x {space.budget.epochs} epochs, "
               f"searching {', '.join(space.search)}", flush=True)
-        row_setup = {**setup, "train_storage": f"{folder}/{row_name}/train"}
-        result_grid = build_tuner(space, row_name, folder, row_setup, wandb_mode, resume=False, job_type="tune",
+        row_setup = setup.stored_in(f"{folder}/{row_name}/train")
+        result_grid = build_tuner(space, row_name, folder, row_setup, wandb_mode, job_type="tune",
                                   reference_file=Path(storage) / name / "reference.json").fit()
         check_finished(result_grid, f"tuning of row {row_name}")
         results = trial_rows(result_grid, space)
         best = write_results(results, Path(folder) / row_name, space)
         chosen = {k.split("/", 1)[1]: v for k, v in (best or {}).items() if k.startswith("param/") and v is not None}
-        rows[row_name] = {**row, "params": {**row["params"], **chosen}}
+        rows[row_name] = dataclasses.replace(row, params={**row.params, **chosen})
         tuning[row_name] = {"trials": len(results), "epochs": space.budget.epochs, "scheduler": space.scheduler.type,
                             "searched": {k: dataclasses.asdict(v) for k, v in space.search.items()},
                             "first_point": paper_default_point(space), "chosen": chosen,
@@ -195,62 +194,53 @@ def tune_rows(grid: Grid, setup: dict, *, storage: str, name: str, wandb_mode: s
     return rows, tuning
 
 
-def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, address: str | None, record: dict) -> dict:
+def ablation_tuner(grid: Grid, distilled: dict[str, Row], setup: TrialSetup, *, name: str, storage: str, wandb_mode: str):
+    """The Tuner of the grid's runs: every distilled row x every seed, at the row's (tuned) parameters."""
     from ray import tune
 
     from orchestrator import runner
-    from orchestrator.report import write_report
-    from orchestrator.teacher import ensure_teacher, evaluate_teacher
     from orchestrator.trial import run_trial, trial_dirname
+
+    space, experiment = grid.space, Path(storage) / name
+    trainable = tune.with_parameters(run_trial, space=space, setup=setup, rows=distilled)
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        print(f"ablation: continuing {path}", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
+    return tune.Tuner(
+        trainable,
+        param_space={"row": tune.grid_search(list(distilled)), "seed": tune.grid_search(grid.seeds)},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=name, storage_path=storage,
+                                  callbacks=runner.tune_callbacks(*runner.wandb_callback(
+                                      space, experiment, wandb_mode, setup=setup, job_type="ablation",
+                                      reference_file=experiment / "reference.json", rows=distilled)),
+                                  progress_reporter=runner.StatusTable(
+                                      f"ablation: {name}, {space.pair_name}", space.objective, ["row", "seed"]),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+
+
+def run_ablation(grid: Grid, *, name: str, storage: str, wandb_mode: str, address: str | None, record: dict) -> dict:
+    from orchestrator import runner
+    from orchestrator.experiment import open_experiment
+    from orchestrator.report import write_report
 
     space = grid.space
     experiment = Path(storage) / name
-    env_vars = runner.wandb_env(wandb_mode, experiment, storage)
-    os.environ.update(env_vars)
-    paths = runner.data_paths(space)
-    runner.start_ray(address, space, env_vars)
-    try:
-        teacher = None
-        experiment.mkdir(parents=True, exist_ok=True)
-        if any(row["method"] != "none" for row in grid.rows.values()):
-            teacher = ensure_teacher(space, paths, runner.teacher_cache(storage))
-            if not (experiment / "teacher.json").is_file():
-                atomic_write_json(experiment / "teacher.json", evaluate_teacher(space, paths, teacher))
-        setup = {"teacher_checkpoint": teacher, "data_paths": paths,
-                 "train_storage": f"{storage.rstrip('/')}/{name}/train", "env_vars": env_vars}
-        runner.write_reference(experiment, ensure_references(space, grid.seeds, setup, reference_cache(storage)))
-        rows, tuning = tune_rows(grid, setup, storage=storage, name=name, wandb_mode=wandb_mode)
-        distilled = {row_name: row for row_name, row in rows.items() if row["method"] != "none"}
-        atomic_write_json(experiment / "ablation.json", {**record, "rows": rows, "tuning": tuning,
-                                                         "teacher_checkpoint": teacher, "data": paths})
+    distills = any(row.method != "none" for row in grid.rows.values())
+    with open_experiment(space, name=name, storage=storage, wandb_mode=wandb_mode, address=address, distills=distills,
+                         reference_seeds=grid.seeds) as opened:
+        rows, tuning = tune_rows(grid, opened.setup, storage=storage, name=name, wandb_mode=wandb_mode)
+        distilled = {row_name: row for row_name, row in rows.items() if row.method != "none"}
+        atomic_write_json(experiment / "ablation.json", {**record, "rows": rows_record(rows), "tuning": tuning,
+                                                         "teacher_checkpoint": opened.teacher, "data": opened.paths})
         failed, trials = 0, 0
         if distilled:
-            trainable = tune.with_parameters(run_trial, space=space, setup=setup, rows=distilled)
-            path = f"{storage.rstrip('/')}/{name}"
-            if tune.Tuner.can_restore(path):
-                print(f"ablation: continuing {path}", flush=True)
-                tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
-            else:
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space={"row": tune.grid_search(list(distilled)), "seed": tune.grid_search(grid.seeds)},
-                    tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent,
-                                                trial_dirname_creator=trial_dirname),
-                    run_config=tune.RunConfig(name=name, storage_path=storage,
-                                              callbacks=runner.tune_callbacks(*runner.wandb_callback(
-                                                  space, experiment, wandb_mode, setup=setup, job_type="ablation",
-                                                  reference_file=experiment / "reference.json", rows=distilled)),
-                                              progress_reporter=runner.StatusTable(
-                                                  f"ablation: {name}, {space.pair_name}", space.objective, ["row", "seed"]),
-                                              failure_config=tune.FailureConfig(max_failures=0), verbose=1))
-            result_grid = tuner.fit()
+            result_grid = ablation_tuner(grid, distilled, opened.setup, name=name, storage=storage,
+                                         wandb_mode=wandb_mode).fit()
             runner.check_finished(result_grid, "the ablation")
             failed, trials = sum(1 for result in result_grid if result.error is not None), len(result_grid)
-    finally:
-        if address is None:
-            import ray
-
-            ray.shutdown()
     report = write_report(experiment)
     print(f"report: {report}")
     return {"trials": trials, "failed": failed}
@@ -279,16 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         name = check_name(args.name or grid.name)
         storage = resolve_storage(args.storage)
         wandb_mode = resolve_wandb_mode(args.wandb)
-        tuned = [row for row in grid.rows.values() if grid.tune.trials and SEARCH_SPACES[row["method"]] and row["tune"]]
+        tuned = [row for row in grid.rows.values() if grid.tune.trials and search_space(row.method) and row.tune]
         plan = {"name": name, "experiment": f"{storage.rstrip('/')}/{name}", "pair": grid.space.pair_name,
-                "rows": grid.rows, "seeds": grid.seeds, "trials": len(grid.rows) * len(grid.seeds),
+                "rows": rows_record(grid.rows), "seeds": grid.seeds, "trials": len(grid.rows) * len(grid.seeds),
                 "epochs_per_trial": grid.space.budget.epochs, "tune": dataclasses.asdict(grid.tune),
                 "tuning_trials": len(tuned) * grid.tune.trials, "wandb": wandb_mode}
         if args.dry_run:
             print(json.dumps(plan, indent=2))
             return 0
         summary = run_ablation(grid, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,
-                               record={"plan": plan, "space": describe(grid.space), "rows": grid.rows,
+                               record={"plan": plan, "space": describe(grid.space), "rows": rows_record(grid.rows),
                                        "seeds": grid.seeds, **provenance()})
         return 0 if summary["failed"] == 0 else 1
 

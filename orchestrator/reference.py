@@ -17,8 +17,9 @@ from pathlib import Path
 from dmkd.config import to_dict
 from dmkd.errors import UserError
 from dmkd.io import atomic_write_json, read_json
+from orchestrator.rows import REFERENCE_ROW, TrialSetup
 
-REFERENCE_ROW = {"method": "none", "params": {}}
+
 KEPT = ("epoch", "val/", "test/", "loss/", "pairing/")
 
 
@@ -40,7 +41,7 @@ def _kept(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k.startswith(KEPT) and isinstance(v, (int, float))}
 
 
-def ensure_references(space, seeds: list[int], setup: dict, cache_root: Path | None,
+def ensure_references(space, seeds: list[int], setup: TrialSetup, cache_root: Path | None,
                       log=partial(print, flush=True)) -> dict[int, dict]:
     """``{seed: {"history": [per-epoch figures], "final": {...}}}`` for each seed, trained when missing
     (the missing seeds together, as one small Tune run that a rerun continues)."""
@@ -52,14 +53,14 @@ def ensure_references(space, seeds: list[int], setup: dict, cache_root: Path | N
     if cache_root is None:
         log("reference: not trained (a cloud --storage has no cache for it); the report leaves its row empty")
         return {}
-    folder = reference_folder(space, setup["data_paths"], cache_root)
+    folder = reference_folder(space, setup.data_paths, cache_root)
     missing = [seed for seed in seeds if not (folder / f"seed{seed}.json").is_file()]
     if missing:
         log(f"reference: training the undistilled student for seed(s) {missing}, {space.budget.epochs} epochs each, "
             f"cached in {folder}")
         name = "seeds-" + "-".join(str(seed) for seed in missing)
         plain = dataclasses.replace(space, method="none", search={})
-        trainable = tune.with_parameters(run_trial, space=plain, setup={**setup, "train_storage": str(folder / "train")},
+        trainable = tune.with_parameters(run_trial, space=plain, setup=setup.stored_in(str(folder / "train")),
                                          rows={"none": REFERENCE_ROW})
         if tune.Tuner.can_restore(str(folder / name)):
             tuner = tune.Tuner.restore(str(folder / name), trainable=trainable, resume_errored=True, resume_unfinished=True)

@@ -312,14 +312,7 @@ def _plot_pareto(trials: list[dict], first: str, second: str, modes: tuple[str, 
 def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
     experiment = Path(experiment)
     out = Path(out) if out else experiment
-    if not experiment.is_dir():
-        raise UserError(f"{experiment}: experiment folder not found")
-    kind = "ablation" if (experiment / "ablation.json").is_file() else "sweep" if (experiment / "sweep.json").is_file() else None
-    if kind is None:
-        raise UserError(f"{experiment}: holds neither ablation.json nor sweep.json (not an experiment folder?)")
-    record = read_json(experiment / f"{kind}.json", f"{kind} record")
-    if not (isinstance(record, dict) and isinstance(record.get("space"), dict) and "budget" in record["space"]):
-        raise UserError(f"{experiment / f'{kind}.json'}: not a {kind} record (no 'space' with a 'budget')")
+    kind, record = _read_record(experiment)
     space = record["space"]
     budget = space["budget"]["epochs"]
     trials = read_trials(experiment)
@@ -328,103 +321,141 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
     report: dict = {"kind": kind, "experiment": str(experiment), "pair": space["pair_name"], "trials": len(trials)}
     lines = [f"# {kind.title()} report: {experiment.name}", "", f"Pair: `{space['pair_name']}`; {len(trials)} trials; "
              f"{budget} epochs per trial; git {record.get('git_commit')}.", ""]
-    plots = []
-
-    if kind == "ablation":
-        rows = record["rows"]
-        reference_row = next((name for name, row in rows.items() if row["method"] == "none"), None)
-        trials = trials + (reference_trials(experiment, reference_row) if reference_row else [])
-        table = ablation_table(trials, rows, budget, record.get("tuning"))
-        report["table"] = table
-        report["pairing"] = pairing_check(trials)
-        split = reporting_split(trials)
-        reference = next((e for e in table if e["method"] == "none"), None)
-        baseline = reference["AP"]["mean"] if reference else None
-        distilled = [e["AP"]["mean"] for e in table if e["method"] != "none" and e["AP"]["mean"] is not None]
-        best_distilled = max(distilled) if distilled else None
-        lines += ablation_markdown(table, teacher, split, report["pairing"], record.get("tuning") or {})
-        groups = {e["row"]: [t["history"] for t in trials if t["config"].get("row") == e["row"] and t["error"] is None]
-                  for e in table}
-        _plot_epochs(groups, out / "ap_per_epoch.png")
-        plots.append("ap_per_epoch.png")
-    else:
-        params = sorted(space.get("search", {}))
-        rows = []
-        for t in trials:
-            last = t["history"][-1] if t["history"] else {}
-            status = trial_status(t["error"] is not None, last.get("epoch", 0), budget, space["scheduler"]["type"])
-            rows.append({"trial_id": t["trial_id"], **{p: t["config"].get(p) for p in params},
-                         **{f: _figure(t["history"], f) for f in FIGURES}, "epochs": last.get("epoch", 0),
-                         "status": status, "error": t["error"] or ""})
-        rows.sort(key=lambda r: (r["AP"] is None, -(r["AP"] or 0)))
-        references = reference_trials(experiment, "none")
-        baseline = _figure(references[0]["history"], "AP") if references else None
-        for r in rows:
-            full = r["epochs"] == budget  # the reference ran the full budget: a stopped trial has no Δ
-            r["delta_AP"] = r["AP"] - baseline if full and r["AP"] is not None and baseline is not None else None
-        report["leaderboard"] = rows
-        report["reference_AP"] = baseline
-        lines += ["## Leaderboard (val split)", "",
-                  f"Student without distillation (same budget and seed): val AP {_num(baseline)}; Δ AP is each trial's "
-                  f"difference to it at the full budget (one seed: no confidence interval; the ablation runner gives paired "
-                  f"statistics). AP is measured at the epoch given; trials stopped early have no Δ.", "",
-                  "| trial | " + " | ".join(params) + " | AP | Δ AP | AP50 | AP75 | at epoch | status |",
-                  "|---|" + "---|" * (len(params) + 6)]
-        for r in rows:
-            cells = [f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p]) for p in params]
-            delta = f"{r['delta_AP']:+.3f}" if r["delta_AP"] is not None else "-"
-            figures = [_num(r["AP"]), delta, _num(r["AP50"]), _num(r["AP75"])]
-            lines.append(f"| {r['trial_id']} | " + " | ".join(cells + figures) + f" | {r['epochs']} | {r['status']} |")
-        objective = space["objective"]
-        rungs = rung_validity(trials, budget, objective["metric"])
-        report["rungs"] = rungs
-        if rungs:
-            lines += ["", "## Early stopping: do the stopping epochs rank trials like the last one?", "",
-                      f"Spearman correlation between {objective['metric']} at each epoch where trials were stopped and "
-                      f"at epoch {budget}, over the trials that completed:", ""]
-            for rung in rungs:
-                rho = f"{rung['spearman']:.2f}" if rung["spearman"] is not None else "n/a"
-                lines.append(f"- epoch {rung['epoch']} (stopped {rung['stopped']} trials): Spearman {rho} over "
-                             f"{rung['completed']} completed trials" + (f". **Warning: {rung['warning']}**" if rung["warning"] else ""))
-        epoch, reached = common_epoch(trials, "val/AP")
-        report["compared_at_epoch"] = epoch
-        importances, skipped = importances_at(trials, space.get("search", {}), objective["metric"], epoch)
-        report["importances"] = importances
-        lines += ["", f"## Parameter importances (Optuna fANOVA, {objective['metric']} at epoch {epoch})", ""]
-        if importances:
-            lines += ["| parameter | importance |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in importances.items()]]
-        else:
-            lines.append(skipped)
-        best_distilled = rows[0]["AP"] if rows else None
-        _plot_epochs({t["trial_id"]: [t["history"]] for t in trials if t["history"]}, out / "ap_per_epoch.png")
-        log_scaled = {k for k, v in space.get("search", {}).items() if v.get("type") == "loguniform"}
-        _plot_scatter(trials, params, out / "param_scatter.png", log_scaled, epoch, reached)
-        plots += ["ap_per_epoch.png", "param_scatter.png"]
-        if objective.get("second_metric"):
-            front = _plot_pareto(trials, objective["metric"], objective["second_metric"],
-                                 (objective["mode"], objective["second_mode"]), out / "pareto.png")
-            report["pareto_front"] = front
-            plots.append("pareto.png")
-
-    split = reporting_split(trials) if kind == "ablation" else "val"
+    section = _ablation_section if kind == "ablation" else _sweep_section
+    body, plots, baseline, best_distilled, split = section(experiment, record, trials, teacher, report, out)
+    lines += body
     pair = pair_comparison(space, teacher, baseline, best_distilled, split)
     report["pair"] = pair
-    latency = pair["teacher"]["latency"]
-    lines += ["", "## Teacher and student", "", f"| | params (M) | GFLOPs (1 image) | CPU latency (ms, batch 1, fastest of {latency['runs']}) | {split} AP |",
-              "|---|---|---|---|---|",
-              f"| teacher | {pair['teacher']['params_M']:.2f} | {pair['teacher']['gflops']:.2f} | "
-              f"{pair['teacher']['latency_ms_cpu']:.1f} | {_num(pair['teacher']['AP'])} |",
-              f"| student, no distillation | {pair['student']['params_M']:.2f} | {pair['student']['gflops']:.2f} | "
-              f"{pair['student']['latency_ms_cpu']:.1f} | {_num(baseline)} |",
-              f"| student, best distilled | | | | {_num(best_distilled)} |", "",
-              f"Latency measured on {pair['machine']}, {latency['threads']} torch threads, while the report was "
-              f"written (the fastest run is the least disturbed by other work on the machine).", "",
-              *[f"![{p}]({p})" for p in plots]]
+    lines += _pair_lines(pair, split, baseline, best_distilled) + ["", *[f"![{p}]({p})" for p in plots]]
     atomic_write(out / "report.md", lambda handle: handle.write("\n".join(lines) + "\n"))
     atomic_write_json(out / "report.json", report)
     _write_csv(out / "report.csv", report)
     _log_to_wandb(record, report, out, plots)
     return out / "report.md"
+
+
+def _read_record(experiment: Path) -> tuple[str, dict]:
+    """The experiment's kind (ablation or sweep) and its record, checked."""
+    if not experiment.is_dir():
+        raise UserError(f"{experiment}: experiment folder not found")
+    kind = "ablation" if (experiment / "ablation.json").is_file() else "sweep" if (experiment / "sweep.json").is_file() else None
+    if kind is None:
+        raise UserError(f"{experiment}: holds neither ablation.json nor sweep.json (not an experiment folder?)")
+    record = read_json(experiment / f"{kind}.json", f"{kind} record")
+    if not (isinstance(record, dict) and isinstance(record.get("space"), dict) and "budget" in record["space"]):
+        raise UserError(f"{experiment / f'{kind}.json'}: not a {kind} record (no 'space' with a 'budget')")
+    return kind, record
+
+
+def _ablation_section(experiment: Path, record: dict, trials: list, teacher, report: dict, out: Path):
+    """The method table with paired statistics and the per-epoch plot; returns (lines, plots, reference AP,
+    best distilled AP, the split they were measured on)."""
+    budget = record["space"]["budget"]["epochs"]
+    rows = record["rows"]
+    reference_row = next((name for name, row in rows.items() if row["method"] == "none"), None)
+    trials = trials + (reference_trials(experiment, reference_row) if reference_row else [])
+    table = ablation_table(trials, rows, budget, record.get("tuning"))
+    report["table"] = table
+    report["pairing"] = pairing_check(trials)
+    split = reporting_split(trials)
+    reference = next((e for e in table if e["method"] == "none"), None)
+    distilled = [e["AP"]["mean"] for e in table if e["method"] != "none" and e["AP"]["mean"] is not None]
+    lines = ablation_markdown(table, teacher, split, report["pairing"], record.get("tuning") or {})
+    groups = {e["row"]: [t["history"] for t in trials if t["config"].get("row") == e["row"] and t["error"] is None]
+              for e in table}
+    _plot_epochs(groups, out / "ap_per_epoch.png")
+    return (lines, ["ap_per_epoch.png"], reference["AP"]["mean"] if reference else None,
+            max(distilled) if distilled else None, split)
+
+
+def _sweep_section(experiment: Path, record: dict, trials: list, teacher, report: dict, out: Path):
+    """Leaderboard with Δ AP, rung validity, importances and plots at one budget (same returns as above)."""
+    space = record["space"]
+    budget = space["budget"]["epochs"]
+    params = sorted(space.get("search", {}))
+    rows, baseline = _sweep_rows(experiment, trials, space)
+    report["leaderboard"] = rows
+    report["reference_AP"] = baseline
+    lines = ["## Leaderboard (val split)", "",
+             f"Student without distillation (same budget and seed): val AP {_num(baseline)}; Δ AP is each trial's "
+             f"difference to it at the full budget (one seed: no confidence interval; the ablation runner gives paired "
+             f"statistics). AP is measured at the epoch given; trials stopped early have no Δ.", "",
+             "| trial | " + " | ".join(params) + " | AP | Δ AP | AP50 | AP75 | at epoch | status |",
+             "|---|" + "---|" * (len(params) + 6)]
+    for r in rows:
+        cells = [f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p]) for p in params]
+        delta = f"{r['delta_AP']:+.3f}" if r["delta_AP"] is not None else "-"
+        figures = [_num(r["AP"]), delta, _num(r["AP50"]), _num(r["AP75"])]
+        lines.append(f"| {r['trial_id']} | " + " | ".join(cells + figures) + f" | {r['epochs']} | {r['status']} |")
+    objective = space["objective"]
+    lines += _rung_lines(trials, budget, objective["metric"], report)
+    epoch, reached = common_epoch(trials, "val/AP")
+    report["compared_at_epoch"] = epoch
+    importances, skipped = importances_at(trials, space.get("search", {}), objective["metric"], epoch)
+    report["importances"] = importances
+    lines += ["", f"## Parameter importances (Optuna fANOVA, {objective['metric']} at epoch {epoch})", ""]
+    if importances:
+        lines += ["| parameter | importance |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in importances.items()]]
+    else:
+        lines.append(skipped)
+    _plot_epochs({t["trial_id"]: [t["history"]] for t in trials if t["history"]}, out / "ap_per_epoch.png")
+    log_scaled = {k for k, v in space.get("search", {}).items() if v.get("type") == "loguniform"}
+    _plot_scatter(trials, params, out / "param_scatter.png", log_scaled, epoch, reached)
+    plots = ["ap_per_epoch.png", "param_scatter.png"]
+    if objective.get("second_metric"):
+        report["pareto_front"] = _plot_pareto(trials, objective["metric"], objective["second_metric"],
+                                              (objective["mode"], objective["second_mode"]), out / "pareto.png")
+        plots.append("pareto.png")
+    return lines, plots, baseline, rows[0]["AP"] if rows else None, "val"
+
+
+def _sweep_rows(experiment: Path, trials: list, space: dict) -> tuple[list[dict], float | None]:
+    """One row per trial, best first, with its Δ AP to the cached reference student (full budget only)."""
+    budget = space["budget"]["epochs"]
+    params = sorted(space.get("search", {}))
+    rows = []
+    for t in trials:
+        last = t["history"][-1] if t["history"] else {}
+        status = trial_status(t["error"] is not None, last.get("epoch", 0), budget, space["scheduler"]["type"])
+        rows.append({"trial_id": t["trial_id"], **{p: t["config"].get(p) for p in params},
+                     **{f: _figure(t["history"], f) for f in FIGURES}, "epochs": last.get("epoch", 0),
+                     "status": status, "error": t["error"] or ""})
+    rows.sort(key=lambda r: (r["AP"] is None, -(r["AP"] or 0)))
+    references = reference_trials(experiment, "none")
+    baseline = _figure(references[0]["history"], "AP") if references else None
+    for r in rows:
+        full = r["epochs"] == budget  # the reference ran the full budget: a stopped trial has no Δ
+        r["delta_AP"] = r["AP"] - baseline if full and r["AP"] is not None and baseline is not None else None
+    return rows, baseline
+
+
+def _rung_lines(trials: list, budget: int, metric: str, report: dict) -> list[str]:
+    rungs = rung_validity(trials, budget, metric)
+    report["rungs"] = rungs
+    if not rungs:
+        return []
+    lines = ["", "## Early stopping: do the stopping epochs rank trials like the last one?", "",
+             f"Spearman correlation between {metric} at each epoch where trials were stopped and "
+             f"at epoch {budget}, over the trials that completed:", ""]
+    for rung in rungs:
+        rho = f"{rung['spearman']:.2f}" if rung["spearman"] is not None else "n/a"
+        lines.append(f"- epoch {rung['epoch']} (stopped {rung['stopped']} trials): Spearman {rho} over "
+                     f"{rung['completed']} completed trials" + (f". **Warning: {rung['warning']}**" if rung["warning"] else ""))
+    return lines
+
+
+def _pair_lines(pair: dict, split: str, baseline, best_distilled) -> list[str]:
+    latency = pair["teacher"]["latency"]
+    return ["", "## Teacher and student", "",
+            f"| | params (M) | GFLOPs (1 image) | CPU latency (ms, batch 1, fastest of {latency['runs']}) | {split} AP |",
+            "|---|---|---|---|---|",
+            f"| teacher | {pair['teacher']['params_M']:.2f} | {pair['teacher']['gflops']:.2f} | "
+            f"{pair['teacher']['latency_ms_cpu']:.1f} | {_num(pair['teacher']['AP'])} |",
+            f"| student, no distillation | {pair['student']['params_M']:.2f} | {pair['student']['gflops']:.2f} | "
+            f"{pair['student']['latency_ms_cpu']:.1f} | {_num(baseline)} |",
+            f"| student, best distilled | | | | {_num(best_distilled)} |", "",
+            f"Latency measured on {pair['machine']}, {latency['threads']} torch threads, while the report was "
+            f"written (the fastest run is the least disturbed by other work on the machine)."]
 
 
 def _delta(found: dict | None) -> str:

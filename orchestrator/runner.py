@@ -18,11 +18,10 @@ from dmkd.errors import UserError
 from dmkd.io import atomic_write_json
 from dmkd.provenance import provenance
 from dmkd.synthetic import ensure_mini_benchmark
-from orchestrator.reference import ensure_references, reference_cache
 from orchestrator.results import leaderboard, trial_rows, write_results
+from orchestrator.rows import TrialSetup
 from orchestrator.searcher import PruningAwareOptunaSearch
 from orchestrator.space import define_by_run, paper_default_point
-from orchestrator.teacher import ensure_teacher, evaluate_teacher
 from orchestrator.trial import ATTENTION_PNG, flat_run_config, run_name, run_trial, trial_dirname, trial_train_config
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
@@ -44,7 +43,7 @@ class DMKDWandbCallback(WandbLoggerCallback):
     student of the same seed (when the reference is known); the attention/mask PNG that the trial's
     last checkpoint holds (local storage only)."""
 
-    def __init__(self, *args, space, setup: dict, reference_file: Path | None, rows: dict | None = None, **kwargs):
+    def __init__(self, *args, space, setup, reference_file: Path | None, rows: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._space, self._setup, self._rows = space, setup, rows or {}
         self._reference_file, self._reference = reference_file, None
@@ -142,7 +141,7 @@ def write_reference(experiment: Path, references: dict) -> None:
         atomic_write_json(experiment / "reference.json", {str(seed): found for seed, found in references.items()})
 
 
-def wandb_callback(space, experiment: Path, mode: str, *, setup: dict, reference_file: Path | None,
+def wandb_callback(space, experiment: Path, mode: str, *, setup: TrialSetup, reference_file: Path | None,
                    job_type: str = "sweep", rows: dict | None = None):
     if mode == "off":
         return []
@@ -187,7 +186,7 @@ def start_ray(address: str | None, space, env_vars: dict) -> None:
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False)
 
 
-def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, resume: bool, job_type: str = "sweep",
+def build_tuner(space, name: str, storage: str, setup: TrialSetup, wandb_mode: str, job_type: str = "sweep",
                 reference_file: Path | None = None):
     """The Tuner of a sweep (``reference_file``, default the experiment's reference.json, gives the
     W&B runs their Δ AP)."""
@@ -197,8 +196,6 @@ def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, re
     if tune.Tuner.can_restore(path):
         print(f"sweep: continuing {path}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
-    if resume:
-        raise UserError(f"--resume: no sweep to continue at {path}")
     objective = space.objective
     metrics = [objective.metric] + ([objective.second_metric] if objective.second_metric else [])
     modes = [objective.mode] + ([objective.second_mode] if objective.second_metric else [])
@@ -234,26 +231,18 @@ def build_tuner(space, name: str, storage: str, setup: dict, wandb_mode: str, re
 
 
 def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str | None, resume: bool, record: dict) -> dict:
+    from orchestrator.experiment import open_experiment
+
     experiment = Path(storage) / name
-    env_vars = wandb_env(wandb_mode, experiment, storage)
-    os.environ.update(env_vars)
-    paths = data_paths(space)
-    start_ray(address, space, env_vars)
-    try:
-        teacher = ensure_teacher(space, paths, teacher_cache(storage)) if space.method != "none" else None
-        setup = {"teacher_checkpoint": teacher, "data_paths": paths, "train_storage": f"{storage.rstrip('/')}/{name}/train",
-                 "env_vars": env_vars}
-        tuner = build_tuner(space, name, storage, setup, wandb_mode, resume)
-        if "://" not in storage:
-            atomic_write_json(experiment / "sweep.json", {**record, "teacher_checkpoint": teacher, "data": paths})
-            if space.method != "none" and not (experiment / "teacher.json").is_file():
-                atomic_write_json(experiment / "teacher.json", evaluate_teacher(space, paths, teacher))
-            if space.method != "none" and space.reference:
-                write_reference(experiment, ensure_references(space, [space.seed], setup, reference_cache(storage)))
+    if resume and not tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}"):
+        raise UserError(f"--resume: no sweep to continue at {storage.rstrip('/')}/{name}")
+    distills = space.method != "none"
+    with open_experiment(space, name=name, storage=storage, wandb_mode=wandb_mode, address=address, distills=distills,
+                         reference_seeds=[space.seed] if distills and space.reference else []) as opened:
+        tuner = build_tuner(space, name, storage, opened.setup, wandb_mode)
+        if opened.local:
+            atomic_write_json(experiment / "sweep.json", {**record, "teacher_checkpoint": opened.teacher, "data": opened.paths})
         result_grid = tuner.fit()
-    finally:
-        if address is None:
-            ray.shutdown()
     rows = trial_rows(result_grid, space)
     best = write_results(rows, experiment, space) if "://" not in storage else None
     print("\n" + leaderboard(rows, space))

@@ -208,11 +208,25 @@ def check_weights_spec(spec: str | None, path: Path, key: str) -> None:
 
 
 def validate(space: SweepSpace, path: Path) -> SweepSpace:
+    """Every value of a space, before Ray, a teacher or a trial starts; the first problem is one line."""
     try:
         check_method(space.method)
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
-    allowed = _allowed_names(space.method)
+    _check_pair_and_data(space, path)
+    endpoints = _check_search(space, path)
+    _check_run_settings(space, path)
+    check_values(space, space.method, {}, path, "fixed")
+    for where, (name, value) in endpoints.items():
+        check_values(space, space.method, {name: value}, path, where)
+    check_values(space, space.method, {name: _example(p) for name, p in space.search.items()}, path, "search")
+    if space.method != "none":
+        check_pair(space, path)
+    return space
+
+
+def _check_pair_and_data(space: SweepSpace, path: Path) -> None:
+    """The two detectors, their weights and the teacher's source; the data paths."""
     for where, detector in (("pair.teacher", space.pair.teacher), ("pair.student", space.pair.student)):
         try:
             detector.validate(where)
@@ -239,6 +253,11 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
     if bool(space.data.test_ann) != bool(space.data.test_images) or (space.data.test_ann and not all(data)):
         raise _fail(path, "data.test_ann", "give test_ann and test_images together, with the other four paths "
                                            "(the mini-benchmark has its own test split)")
+
+
+def _check_search(space: SweepSpace, path: Path) -> dict:
+    """The fixed and searched parameters; returns every endpoint the search can propose, by its key."""
+    allowed = _allowed_names(space.method)
     for name in space.fixed:
         if name not in allowed:
             raise _fail(path, f"fixed.{name}", f"unknown parameter for method {space.method!r}; allowed: {', '.join(allowed)}")
@@ -267,6 +286,11 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
             if not isinstance(values, list) or not set(values) & set(space.search[other].choices):
                 raise _fail(path, f"{key}.when.{other}", f"must list some of {other}'s choices "
                                                          f"{space.search[other].choices}, but got {values!r}: it could never hold")
+    return endpoints
+
+
+def _check_run_settings(space: SweepSpace, path: Path) -> None:
+    """Objective, scheduler, budget, concurrency and resources."""
     objective = space.objective
     for key, metric in (("objective.metric", objective.metric), ("objective.second_metric", objective.second_metric)):
         if metric is not None and metric not in OBJECTIVE_METRICS:
@@ -292,13 +316,6 @@ def validate(space: SweepSpace, path: Path) -> SweepSpace:
                        ("resources.gpus_per_worker", space.resources.gpus_per_worker)):
         if not value > 0:
             raise _fail(path, key, f"must be positive, but got {value}")
-    check_values(space, space.method, {}, path, "fixed")
-    for where, (name, value) in endpoints.items():
-        check_values(space, space.method, {name: value}, path, where)
-    check_values(space, space.method, {name: _example(p) for name, p in space.search.items()}, path, "search")
-    if space.method != "none":
-        check_pair(space, path)
-    return space
 
 
 def _example(param: Param) -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dmkd.errors import UserError, run_command
 from dmkd.provenance import provenance
-from dmkd.train import parse_assignment
+from dmkd.cli import parse_assignment
 from orchestrator.space import describe, load_space, paper_default_point
 
 WANDB_MODES = ("online", "offline", "off")

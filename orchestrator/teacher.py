@@ -13,7 +13,8 @@ from ray.util.queue import Queue
 from dmkd.config import to_dict
 from dmkd.errors import UserError
 from dmkd.io import atomic_write
-from dmkd.train import CHECKPOINT_NAME, TrainConfig, fit
+from dmkd.checkpoint import CHECKPOINT_NAME
+from dmkd.train import TrainConfig, fit
 
 PROGRESS_POLL_S = 2.0
 # What distillation and the report read from a cached teacher; the optimizer state (two thirds of the
@@ -116,7 +117,8 @@ def _evaluate(cfg_dict: dict, checkpoint: str | None, device: str = "cpu") -> di
     import torch
 
     from dmkd.models import build_detector, load_weights, weights_classes
-    from dmkd.train import evaluate_detector, load_data
+    from dmkd.evaluate import evaluate_detector
+    from dmkd.train import load_data
     from dmkd.weights import categories, labels_by_name
 
     cfg = TrainConfig.from_dict(cfg_dict)

@@ -19,7 +19,10 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from dmkd.config import to_dict
-from dmkd.train import CHECKPOINT_NAME, TrainConfig, build_distillation, fit, load_data
+from dmkd.checkpoint import CHECKPOINT_NAME
+from dmkd.pairing import build_distillation
+from dmkd.train import TrainConfig, fit, load_data
+from orchestrator.rows import Row, TrialSetup
 
 ATTENTION_PNG = "attention.png"
 
@@ -87,7 +90,7 @@ def trial_dirname(trial) -> str:
     return f"run_trial_{trial.trial_id}"
 
 
-def trial_train_config(config: dict, *, space, setup: dict, rows: dict | None = None) -> TrainConfig:
+def trial_train_config(config: dict, *, space, setup: TrialSetup, rows: dict[str, Row] | None = None) -> TrainConfig:
     """The TrainConfig of a trial. ``config`` holds the searched values (a sweep) or a grid ``row`` and
     ``seed`` (an ablation, whose rows map names to a method and its parameters)."""
     values = dict(config)
@@ -95,9 +98,9 @@ def trial_train_config(config: dict, *, space, setup: dict, rows: dict | None = 
     method = None
     if "row" in values:
         row = rows[values.pop("row")]
-        method, values = row["method"], {**row.get("params", {}), **values}
+        method, values = row.method, {**row.params, **values}
     return space.train_config(values, method=method, seed=seed, out="unused",
-                              teacher_checkpoint=setup["teacher_checkpoint"], data_paths=setup["data_paths"])
+                              teacher_checkpoint=setup.teacher_checkpoint, data_paths=setup.data_paths)
 
 
 def data_name(cfg: TrainConfig) -> str:
@@ -127,10 +130,10 @@ def flat_run_config(cfg: TrainConfig, *, space, row: str | None, versions: dict)
 
 def run_name(cfg: TrainConfig, row: str | None) -> str:
     """``dmkd alpha=2e-06 seed 0``: the row (or method), its first searchable parameter, the seed."""
-    from dmkd.distillers import SEARCH_SPACES, method_settings
+    from dmkd.distillers import method_settings, search_space
 
     parts = [row or cfg.method]
-    key = next(iter(SEARCH_SPACES.get(cfg.method, {})), None)
+    key = next(iter(search_space(cfg.method)), None)
     if key is not None:
         value = cfg.distill.get(key, method_settings(cfg.method).get(key))
         parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
@@ -138,7 +141,7 @@ def run_name(cfg: TrainConfig, row: str | None) -> str:
     return " ".join(parts)
 
 
-def run_trial(config: dict, *, space, setup: dict, rows: dict | None = None) -> None:
+def run_trial(config: dict, *, space, setup: TrialSetup, rows: dict[str, Row] | None = None) -> None:
     """The Tune trainable (see :func:`trial_train_config` for ``config``); ``space`` (a SweepSpace),
     ``setup`` (teacher checkpoint, data paths, Train storage) and ``rows`` arrive through
     ``tune.with_parameters``. A deterministic Train run name per trial lets a restored sweep find the
@@ -155,11 +158,11 @@ def run_trial(config: dict, *, space, setup: dict, rows: dict | None = None) -> 
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
             name=f"train-{ray.tune.get_context().get_trial_id()}",
-            storage_path=setup["train_storage"],
+            storage_path=setup.train_storage,
             failure_config=FailureConfig(max_failures=space.max_failures, controller_failure_limit=2),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": setup.get("env_vars", {})},
+            worker_runtime_env={"env_vars": setup.env_vars},
         ),
     )
     trainer.fit()

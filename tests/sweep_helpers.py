@@ -21,7 +21,8 @@ def tiny_teacher(mini_data: dict) -> Path:
     them, so that a sweep takes its teacher row from the file instead of starting a Ray task for it."""
     import dataclasses
 
-    from dmkd.train import TrainConfig, evaluate_detector, load_data
+    from dmkd.evaluate import evaluate_detector
+    from dmkd.train import TrainConfig, load_data
 
     path = Path(mini_data["train_ann"]).parent / "tiny_teacher.pt"
     if path.is_file():

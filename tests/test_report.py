@@ -57,9 +57,11 @@ def test_paired_difference_against_hand_computed_values():
 def test_default_grid_loads_with_every_method():
     grid = load_grid(seeds=3)
     assert grid.seeds == [0, 1, 2]
-    assert {row["method"] for row in grid.rows.values()} >= {"none", "fitnet", "mgd", "fgd", "dmkd", "dmkd_spatial",
-                                                              "dmkd_channel", "dmkd_fixed"}
+    assert {row.method for row in grid.rows.values()} >= {"none", "fitnet", "mgd", "fgd", "dmkd", "dmkd_spatial",
+                                                          "dmkd_channel", "dmkd_fixed"}
     assert grid.space.scheduler.type == "none" and grid.space.budget.epochs == 3
+    methods = load_grid("search_spaces/methods.yaml")
+    assert {row.method for row in methods.rows.values()} >= {"pkd", "crosskd", "dmkd+crosskd"}
 
 
 def test_bad_grids_name_file_and_key(tmp_path):

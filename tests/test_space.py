@@ -24,10 +24,11 @@ def test_default_space_loads():
 
 def test_a_trial_config_for_wandb_is_flat_complete_and_named_for_people():
     from dmkd.provenance import provenance
+    from orchestrator.rows import Row, TrialSetup
     from orchestrator.trial import flat_run_config, run_name, trial_train_config
 
     space = load_space(DEFAULT_SPACE)
-    setup = {"teacher_checkpoint": "t.pt", "data_paths": {}}
+    setup = TrialSetup("t.pt", {}, "unused")
     cfg = trial_train_config({"alpha": 3.1e-6, "temperature": 0.77215}, space=space, setup=setup)
     flat = flat_run_config(cfg, space=space, row=None, versions=provenance())
     assert flat["method"] == "dmkd" and flat["seed"] == 0 and flat["data"] == "mini-benchmark"
@@ -39,12 +40,12 @@ def test_a_trial_config_for_wandb_is_flat_complete_and_named_for_people():
     assert all(not isinstance(v, (dict, tuple)) for v in flat.values())
     assert run_name(cfg, None) == "dmkd alpha=3.1e-06 seed 0"
 
-    rows = {"channel": {"method": "dmkd_channel", "params": {"alpha": 2e-6}}}
+    rows = {"channel": Row("dmkd_channel", {"alpha": 2e-6})}
     cfg = trial_train_config({"row": "channel", "seed": 2}, space=space, setup=setup, rows=rows)
     flat = flat_run_config(cfg, space=space, row="channel", versions={})
     assert flat["distill.branches"] == ["channel"] and flat["row"] == "channel" and flat["seed"] == 2
     assert run_name(cfg, "channel") == "channel alpha=2e-06 seed 2"
-    plain = trial_train_config({"row": "none", "seed": 1}, space=space, setup=setup, rows={"none": {"method": "none"}})
+    plain = trial_train_config({"row": "none", "seed": 1}, space=space, setup=setup, rows={"none": Row("none")})
     assert run_name(plain, "none") == "none seed 1" and "teacher.backbone" not in flat_run_config(
         plain, space=space, row="none", versions={})
 

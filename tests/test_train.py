@@ -99,7 +99,8 @@ class _Oracle(torch.nn.Module):
 
 
 def _ddp_worker(rank, world, port, config_dict, results):
-    from dmkd.train import evaluate_detector, load_data
+    from dmkd.evaluate import evaluate_detector
+    from dmkd.train import load_data
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -156,7 +157,7 @@ def _train_cli(*args):
 
 def _train_main(*args):
     """The same command line in this process (no interpreter start-up per case): exit code and output."""
-    from dmkd.train import main
+    from dmkd.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -268,7 +269,8 @@ def test_a_checkpoint_records_the_figures_of_its_last_evaluation(mini_data, tmp_
     import dataclasses
 
     from dmkd.models import build_detector, load_weights
-    from dmkd.train import evaluate_detector, load_data
+    from dmkd.evaluate import evaluate_detector
+    from dmkd.train import load_data
     from orchestrator.teacher import recorded_figures
 
     cfg = _config(mini_data, tmp_path / "t", epochs=1)

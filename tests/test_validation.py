@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from dmkd import evaluate, split, train
+from dmkd import cli, evaluate, split
 from orchestrator import ablate, report, sweep
 
 
@@ -44,7 +44,7 @@ def _coco_with(tmp_path, coco, change) -> str:
 ])
 def test_wrong_json_types_in_annotations(tmp_path, coco, capsys, change, expected):
     ann = _coco_with(tmp_path, coco, change)
-    assert train.main(_train_args((ann, coco[1]), tmp_path / "out")) == 2
+    assert cli.main(_train_args((ann, coco[1]), tmp_path / "out")) == 2
     _one_line(capsys, expected)
     assert not (tmp_path / "out").exists()
 
@@ -62,17 +62,17 @@ def test_wrong_json_types_in_results(tmp_path, coco, capsys, results, expected):
 
 
 def test_bad_numbers_and_checkpoints(tmp_path, coco, capsys):
-    assert train.main(_train_args(coco, tmp_path / "a", "--workers", "-1")) == 2
+    assert cli.main(_train_args(coco, tmp_path / "a", "--workers", "-1")) == 2
     _one_line(capsys, "num_workers: must be 0")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    assert train.main(_train_args(coco, tmp_path / "b", "--method", "dmkd", "--teacher-checkpoint", str(garbage))) == 2
+    assert cli.main(_train_args(coco, tmp_path / "b", "--method", "dmkd", "--teacher-checkpoint", str(garbage))) == 2
     _one_line(capsys, "garbage.pt: not a readable torch checkpoint")
     (tmp_path / "c").mkdir()
     torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "c" / "checkpoint.pt")  # a state dict, not a training run
-    assert train.main(_train_args(coco, tmp_path / "c", "--resume")) == 2
+    assert cli.main(_train_args(coco, tmp_path / "c", "--resume")) == 2
     _one_line(capsys, "not a dmkd.train checkpoint to resume from")
-    assert train.main(_train_args(coco, tmp_path / "d", "--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "c" / "checkpoint.pt"))) == 2
+    assert cli.main(_train_args(coco, tmp_path / "d", "--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "c" / "checkpoint.pt"))) == 2
     _one_line(capsys, "weights do not fit this detector")
     assert not any((tmp_path / name).exists() for name in ("a", "b", "d"))
 
@@ -80,9 +80,9 @@ def test_bad_numbers_and_checkpoints(tmp_path, coco, capsys):
 def test_existing_files_where_folders_belong(tmp_path, coco, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert train.main(_train_args(coco, a_file)) == 2
+    assert cli.main(_train_args(coco, a_file)) == 2
     _one_line(capsys, "out: ")
-    assert train.main(["--data-dir", str(a_file), "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["--data-dir", str(a_file), "--out", str(tmp_path / "o")]) == 2
     _one_line(capsys, "data_dir: ")
     assert sweep.main(["--storage", str(a_file), "--dry-run"]) == 2
     _one_line(capsys, "--storage: ")
@@ -94,7 +94,7 @@ def test_a_non_finite_loss_from_the_command_line(tmp_path, coco, capsys):
     from dmkd.models import DetectorConfig, build_detector
 
     torch.save({"model": build_detector(DetectorConfig(num_classes=2, image_size=64)).state_dict()}, teacher)
-    assert train.main(_train_args(coco, tmp_path / "o", "--method", "dmkd", "--teacher-checkpoint", str(teacher),
+    assert cli.main(_train_args(coco, tmp_path / "o", "--method", "dmkd", "--teacher-checkpoint", str(teacher),
                                   "--teacher-backbone", "resnet18", "--distill", "alpha=1e300")) == 2
     _one_line(capsys, "loss became inf at step 0")
 
@@ -113,18 +113,18 @@ def test_corrupt_experiment_records(tmp_path, capsys):
 # class 3: what used to be accepted silently
 def test_silent_acceptance_is_an_error(tmp_path, coco, capsys):
     invalid = _coco_with(tmp_path, coco, lambda d: d["annotations"][0].update(bbox=[40, 40, 5, 5]))
-    assert train.main(_train_args((invalid, coco[1]), tmp_path / "a")) == 2
+    assert cli.main(_train_args((invalid, coco[1]), tmp_path / "a")) == 2
     _one_line(capsys, "every one of its 1 boxes has zero width or height or lies outside its image")
     duplicate = _coco_with(tmp_path, coco, lambda d: d["images"].append(dict(d["images"][0])))
-    assert train.main(_train_args((duplicate, coco[1]), tmp_path / "b")) == 2
+    assert cli.main(_train_args((duplicate, coco[1]), tmp_path / "b")) == 2
     _one_line(capsys, "images[1].id 1 appears twice")
-    assert train.main(_train_args(coco, tmp_path / "c", "--distill", "alpha=1")) == 2
+    assert cli.main(_train_args(coco, tmp_path / "c", "--distill", "alpha=1")) == 2
     _one_line(capsys, "--distill: only means something with --method")
-    assert train.main(_train_args(coco, tmp_path / "d", "--resume")) == 2
+    assert cli.main(_train_args(coco, tmp_path / "d", "--resume")) == 2
     _one_line(capsys, "--resume: ")
     teacher = tmp_path / "t.pt"
     teacher.write_bytes(b"")
-    assert train.main(_train_args(coco, tmp_path / "e", "--method", "mgd", "--teacher-checkpoint", str(teacher),
+    assert cli.main(_train_args(coco, tmp_path / "e", "--method", "mgd", "--teacher-checkpoint", str(teacher),
                                   "--distill", "alpha=-2e-5")) == 2
     _one_line(capsys, "alpha must be a finite number >= 0")
     assert not any((tmp_path / name).exists() for name in "abcde")
@@ -133,18 +133,18 @@ def test_silent_acceptance_is_an_error(tmp_path, coco, capsys):
 # class 4: nothing of a finished run is overwritten by a run that then fails validation
 def test_a_failing_rerun_leaves_the_finished_run_alone(tmp_path, coco, capsys):
     out = tmp_path / "run"
-    assert train.main(_train_args(coco, out)) == 0
+    assert cli.main(_train_args(coco, out)) == 0
     capsys.readouterr()
     before = {name: (out / name).read_bytes() for name in ("run.json", "checkpoint.pt", "metrics.json")}
     from dmkd.models import DetectorConfig, build_detector
 
     teacher = tmp_path / "teacher.pt"
     torch.save({"model": build_detector(DetectorConfig(num_classes=2, image_size=64)).state_dict()}, teacher)
-    assert train.main(_train_args(coco, out, "--method", "dmkd", "--teacher-checkpoint", str(teacher),
+    assert cli.main(_train_args(coco, out, "--method", "dmkd", "--teacher-checkpoint", str(teacher),
                                   "--teacher-backbone", "resnet18", "--distill", "alpah=1e-5")) == 2
     _one_line(capsys, "distill.alpah: not a parameter of method 'dmkd'")
     missing = _coco_with(tmp_path, coco, lambda d: d["images"].append({"id": 2, "file_name": "gone.png"}))
-    assert train.main(_train_args(coco, out, "--val-ann", missing)) == 2
+    assert cli.main(_train_args(coco, out, "--val-ann", missing)) == 2
     _one_line(capsys, "gone.png: image file not found (1 of the 2 images")
     assert {name: (out / name).read_bytes() for name in before} == before
 
@@ -169,14 +169,14 @@ def test_a_name_is_a_plain_folder_name(tmp_path, capsys):
 
 # class 7: help that lists the choices, under the names users type
 def test_help_texts(capsys):
-    for command, prog in ((train.main, "python -m dmkd.train"), (evaluate.main, "python -m dmkd.evaluate"),
+    for command, prog in ((cli.main, "python -m dmkd.train"), (evaluate.main, "python -m dmkd.evaluate"),
                           (split.main, "python -m dmkd.split")):
         with pytest.raises(SystemExit):
             command(["--help"])
         text = capsys.readouterr().out
         assert text.startswith(f"usage: {prog}")
     with pytest.raises(SystemExit):
-        train.main(["--help"])
+        cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "fcos, retinanet, fasterrcnn" in text and "dmkd_spatial" in text and "resnet10_quarter" in text
     assert text.count("default") >= 10

@@ -1,18 +1,23 @@
-"""Feature distillers, one file per method, all with one shape: a single-level loss module
-``loss(student_feature, teacher_feature, context)`` wrapped per FPN level by :class:`MultiLevel`.
+"""Distillers, one file per method. A feature distiller is a single-level loss module
+``loss(student_feature, teacher_feature, context)`` wrapped per FPN level by :class:`MultiLevel`; a head
+distiller (``HEAD_METHODS``: CrossKD) is one module over the dense head (:mod:`dmkd.heads`). A method
+name may join one of each with ``+`` (``dmkd+crosskd``): both run in one step, each with its own
+parameters (their names must differ).
 
-``METHODS`` maps each name a config may use to its loss class and fixed switches; ``none`` means
-no distillation. ``SEARCH_SPACES`` holds what a tuning run searches for each method; the ranges live
-next to each loss (its module's ``SEARCH``), and the published defaults are the constructors' defaults.
+``METHODS`` maps each feature method a config may use to its loss class and fixed switches; ``none``
+means no distillation. ``SEARCH_SPACES`` holds what a tuning run searches for each method; the ranges
+live next to each loss (its module's ``SEARCH``), and the published defaults are the constructors' defaults.
 """
 from __future__ import annotations
 
 import inspect
 from functools import partial
 
+from torch import nn
 
-from dmkd.distillers import dmkd, fgd, fitnet, mgd, pkd
-from dmkd.distillers.base import DistillContext, MultiLevel
+from dmkd.distillers import dmkd
+from dmkd.distillers.base import Composite, DistillContext, DistillInputs, HeadLevel, MultiLevel
+from dmkd.distillers.crosskd import CrossKDLoss, check_detectors
 from dmkd.distillers.dmkd import DMKDLoss
 from dmkd.distillers.fgd import FGDLoss
 from dmkd.distillers.fitnet import FitNetLoss
@@ -31,23 +36,34 @@ METHODS: dict[str, partial | None] = {
     "dmkd_channel": partial(DMKDLoss, branches=("channel",)),
     "dmkd_fixed": partial(DMKDLoss, fusion="fixed"),
 }
-
-SEARCH_SPACES: dict[str, dict[str, dict]] = {
-    "none": {},
-    "fitnet": fitnet.SEARCH,
-    "pkd": pkd.SEARCH,
-    "mgd": mgd.SEARCH,
-    "fgd": fgd.SEARCH,
-    "dmkd": dmkd.SEARCH,
-    "dmkd_spatial": {k: v for k, v in dmkd.SEARCH.items() if k != "channel_ratio"},
-    "dmkd_channel": {k: v for k, v in dmkd.SEARCH.items() if k != "spatial_ratio"},
-    "dmkd_fixed": dmkd.SEARCH,
+HEAD_METHODS: dict[str, partial] = {
+    "crosskd": partial(CrossKDLoss),
 }
 
+# Each method's tuning ranges are its module's SEARCH; the single-branch variants drop the other ratio.
+SEARCH_SPACES: dict[str, dict[str, dict]] = {
+    name: getattr(inspect.getmodule(factory.func), "SEARCH", {}) if factory else {}
+    for name, factory in {**METHODS, **HEAD_METHODS}.items()}
+SEARCH_SPACES["dmkd_spatial"] = {k: v for k, v in dmkd.SEARCH.items() if k != "channel_ratio"}
+SEARCH_SPACES["dmkd_channel"] = {k: v for k, v in dmkd.SEARCH.items() if k != "spatial_ratio"}
 
-def method_parameters(method: str) -> dict[str, object]:
-    """The parameters a method takes, with their defaults (fixed switches of a variant excluded)."""
-    factory = _factory(method)
+
+def parts(method: str) -> list[str]:
+    """The methods a name joins with ``+`` (one for a plain name)."""
+    return method.split("+")
+
+
+def search_space(method: str) -> dict[str, dict]:
+    """What tuning searches for ``method``: its parts' spaces together."""
+    check_method(method)
+    return {name: spec for part in parts(method) for name, spec in SEARCH_SPACES[part].items()}
+
+
+def needs_head(method: str) -> bool:
+    return any(part in HEAD_METHODS for part in parts(method))
+
+
+def _parameters(factory: partial | None) -> dict[str, object]:
     if factory is None:
         return {}
     signature = inspect.signature(factory.func)
@@ -55,26 +71,49 @@ def method_parameters(method: str) -> dict[str, object]:
             if p.kind is p.KEYWORD_ONLY and name not in factory.keywords}
 
 
+def method_parameters(method: str) -> dict[str, object]:
+    """The parameters a method takes, with their defaults (fixed switches of a variant excluded); a
+    joined method takes its parts' (None: the value depends on the detector, see the loss)."""
+    check_method(method)
+    return {name: default for part in parts(method) for name, default in _parameters(_factories()[part]).items()}
+
+
 def method_settings(method: str) -> dict[str, object]:
     """Everything a method's loss is built with by default: its variant's fixed switches and the
     defaults of its parameters (what a run record shows beside the values that were set)."""
-    factory = _factory(method)
-    return {} if factory is None else {**factory.keywords, **method_parameters(method)}
+    check_method(method)
+    fixed = {k: v for part in parts(method) if _factories()[part] is not None for k, v in _factories()[part].keywords.items()}
+    return {**fixed, **method_parameters(method)}
+
+
+def _factories() -> dict[str, partial | None]:
+    return {**METHODS, **HEAD_METHODS}
 
 
 def check_method(method: str, where: str = "method") -> None:
     """The one check of a method's name, for every place that reads one (``where`` names the key)."""
-    if method not in METHODS:
-        raise UserError(f"{where}: unknown method {method!r}; allowed: {', '.join(METHODS)}")
-
-
-def _factory(method: str) -> partial | None:
-    check_method(method)
-    return METHODS[method]
+    allowed = f"allowed: {', '.join(_factories())}, or a feature and a head method joined by '+' (dmkd+crosskd)"
+    names = parts(method) if isinstance(method, str) else [method]
+    unknown = [name for name in names if name not in _factories()]
+    if unknown:
+        raise UserError(f"{where}: unknown method {unknown[0]!r}; {allowed}")
+    if len(names) > 1:
+        features, heads = [n for n in names if n in METHODS and n != "none"], [n for n in names if n in HEAD_METHODS]
+        if len(features) > 1 or len(heads) > 1 or "none" in names:
+            raise UserError(f"{where}: {method!r} joins {' and '.join(names)}; join at most one feature method and one "
+                            f"head method ({', '.join(HEAD_METHODS)})")
+        shared = set(_parameters(METHODS[features[0]])) & set(_parameters(HEAD_METHODS[heads[0]])) if features and heads else set()
+        if shared:
+            raise UserError(f"{where}: {method!r}: both parts take {sorted(shared)[0]!r}; they cannot be joined")
 
 
 def _typed(value, default, where: str):
-    """``value`` as the type of the parameter's default (YAML and Tune hand over ints, lists, ...)."""
+    """``value`` as the type of the parameter's default (YAML and Tune hand over ints, lists, ...); a
+    default of None (set per detector) takes a number."""
+    if default is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: must be a number, but got {value!r}")
+        return value
     if isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -92,31 +131,50 @@ def _typed(value, default, where: str):
     return value
 
 
-def check_parameters(method: str, params: dict, where: str = "distill") -> None:
+def check_parameters(method: str, params: dict, where: str = "distill", family: str = "fcos") -> None:
     """Raise a one-line ``UserError`` unless ``method`` accepts ``params``: names, types and values,
     checked by building the loss on one small level (milliseconds, no data, no teacher)."""
-    build_distiller(method, 32, 32, ["0"], params, where)
+    build_distiller(method, 32, 32, ["0"], params, where, family)
+
+
+def check_pair(method: str, student, teacher, params: dict) -> None:
+    """A head-level method's requirements on the two detector configs (one-line ``UserError``)."""
+    if not needs_head(method):
+        return
+    try:
+        check_detectors(student.arch, teacher.arch, teacher.head_convs, params.get("reuse_from"))
+    except ValueError as error:
+        raise UserError(f"method: {error}") from None
 
 
 def build_distiller(method: str, student_channels: int, teacher_channels: int, levels: list[str],
-                    params: dict | None = None, where: str = "distill") -> MultiLevel | None:
-    """One loss per level for ``method`` with ``params``; None for ``none``."""
-    factory = _factory(method)
+                    params: dict | None = None, where: str = "distill", family: str = "fcos") -> nn.Module | None:
+    """The distiller of ``method`` with ``params``: a feature method gets one loss per level, a head
+    method one loss for a ``family`` head (fcos, retinanet); None for ``none``."""
+    check_method(method)
     params = dict(params or {})
     allowed = method_parameters(method)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         choices = ", ".join(allowed) or "none"
         raise UserError(f"{where}.{unknown[0]}: not a parameter of method {method!r}; allowed: {choices}")
-    if factory is None:
+    if method == "none":
         return None
     params = {name: _typed(value, allowed[name], f"{where}.{name}") for name, value in params.items()}
+    built = []
     try:
-        losses = {level: factory(student_channels, teacher_channels, **params) for level in levels}
+        for part in parts(method):
+            own = {k: v for k, v in params.items() if k in _parameters(_factories()[part])}
+            if part in HEAD_METHODS:
+                built.append(HeadLevel(part, HEAD_METHODS[part](student_channels, teacher_channels, family, **own)))
+            else:
+                built.append(MultiLevel(part, {level: METHODS[part](student_channels, teacher_channels, **own)
+                                               for level in levels}))
     except (ValueError, TypeError) as error:
         raise UserError(f"{where}: {error}") from error
-    return MultiLevel(method, losses)
+    return built[0] if len(built) == 1 else Composite(built)
 
 
-__all__ = ["METHODS", "SEARCH_SPACES", "DistillContext", "check_parameters", "DMKDLoss", "FGDLoss", "FitNetLoss", "MGDLoss", "MultiLevel", "PKDLoss",
-           "build_distiller", "check_method", "method_parameters", "method_settings"]
+__all__ = ["HEAD_METHODS", "METHODS", "SEARCH_SPACES", "Composite", "CrossKDLoss", "DistillContext", "DistillInputs",
+           "DMKDLoss", "FGDLoss", "FitNetLoss", "HeadLevel", "MGDLoss", "MultiLevel", "PKDLoss", "build_distiller",
+           "check_method", "check_pair", "check_parameters", "method_parameters", "method_settings", "needs_head", "parts", "search_space"]

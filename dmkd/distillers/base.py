@@ -1,4 +1,8 @@
-"""What every distiller shares: the generation block, the channel aligner, the per-level wrapper."""
+"""What every distiller shares: the generation block, the channel aligner, what a distiller receives
+(:class:`DistillInputs`), the per-level wrapper of feature losses and the composition of methods.
+
+A distiller is a module with ``needs`` (a subset of :data:`NEEDS`) and ``distill(inputs)`` returning
+named, already weighted loss terms; the training step fills in exactly what it needs."""
 from __future__ import annotations
 
 import math
@@ -33,6 +37,12 @@ def aligner(student_channels: int, teacher_channels: int) -> nn.Conv2d | None:
     return nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
 
 
+# What a distiller may ask for: FPN features (student's and teacher's, per level), the student's and the
+# teacher's head views (tower features and outputs, :class:`dmkd.heads.HeadView`; the teacher then keeps
+# its head) and the ground truth.
+NEEDS = ("features", "student_head", "teacher_head", "targets")
+
+
 @dataclass
 class DistillContext:
     """What some losses need beside the two features: ground-truth boxes in input pixels, per image,
@@ -42,6 +52,17 @@ class DistillContext:
     input_size: tuple[int, int] | None = None
 
 
+@dataclass
+class DistillInputs:
+    """One step's inputs of a distiller; what it does not need stays None."""
+
+    student_features: OrderedDict | None = None
+    teacher_features: OrderedDict | None = None
+    context: DistillContext | None = None
+    student_head: object | None = None  # dmkd.heads.HeadView
+    teacher_head: object | None = None  # the same, with the frozen teacher detector
+
+
 class MultiLevel(nn.Module):
     """One single-level loss per FPN level; takes the student's and teacher's feature dicts.
 
@@ -49,10 +70,15 @@ class MultiLevel(nn.Module):
     term named ``name``; a loss returning a dict gives its own names.
     """
 
+    needs = frozenset({"features", "targets"})
+
     def __init__(self, name: str, levels: dict[str, nn.Module]):
         super().__init__()
         self.name = name
         self.levels = nn.ModuleDict(levels)
+
+    def distill(self, inputs: DistillInputs) -> dict[str, torch.Tensor]:
+        return self(inputs.student_features, inputs.teacher_features, inputs.context)
 
     def forward(self, student: OrderedDict, teacher: OrderedDict, context: DistillContext | None = None) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
@@ -71,3 +97,39 @@ class MultiLevel(nn.Module):
                 metrics[f"fusion/{level}/spatial"] = float(weights[0])
                 metrics[f"fusion/{level}/channel"] = float(weights[1])
         return metrics
+
+
+class HeadLevel(nn.Module):
+    """A head-level loss (one module over all levels, e.g. CrossKD) as a distiller."""
+
+    def __init__(self, name: str, loss: nn.Module):
+        super().__init__()
+        self.name, self.loss = name, loss
+        self.needs = loss.needs
+        self.tower_layer = loss.tower_layer
+
+    def distill(self, inputs: DistillInputs) -> dict[str, torch.Tensor]:
+        return self.loss(inputs)
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {}
+
+
+class Composite(nn.Module):
+    """Several methods in one step (``dmkd+crosskd``): their terms side by side, their needs united."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.name = "+".join(part.name for part in parts)
+        self.needs = frozenset().union(*(part.needs for part in parts))
+        self.tower_layer = next((part.tower_layer for part in parts if hasattr(part, "tower_layer")), None)
+
+    def distill(self, inputs: DistillInputs) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            terms.update(part.distill(inputs))
+        return terms
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {k: v for part in self.parts for k, v in part.extra_metrics().items()}
