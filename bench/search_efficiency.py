@@ -1,7 +1,7 @@
 """Search efficiency: how much compute each searcher needs on the default space, replayed against a
 tabular benchmark instead of training (the HPOBench / YAHPO idea).
 
-    python bench/search_efficiency.py                                 # the committed table, 30 repeats
+    python bench/search_efficiency.py                                 # the committed table, 100 repeats
     python bench/search_efficiency.py --table T.csv --repeats 50 --out DIR --grace-periods 1 2
 
 The table (``bench/tables/default_space.csv``, long format: one row per configuration, seed and
@@ -12,7 +12,11 @@ epoch with the searched parameters and ``val_AP``) holds configurations of
 Replay: a searcher proposes a point; the point is answered by its **nearest measured configuration**
 (distance in the unit cube, log scale for loguniform parameters) and by **one of that configuration's
 measured seeds drawn at random**, so a trial sees real per-epoch curves with real seed noise and no
-fitted model can invent structure between the measured points. Trials run epoch by epoch on
+fitted model can invent structure between the measured points. Where the table holds one seed of a
+configuration, a **measured seed-noise curve** is added to it: ``(seed 0 - seed 1) / sqrt(2)`` of one
+configuration of the seed table (``--seeds-table``, default ``default_space_seeds.csv``: configurations
+trained with two seeds), with a random sign; a whole curve, so the noise keeps its correlation across
+epochs, and its variance is one run's seed variance. Trials run epoch by epoch on
 ``--concurrency`` simulated workers (an epoch is one unit of compute); Ray's own ``ASHAScheduler``
 decides on every epoch's result, and Optuna's samplers propose (the project's settings: seeded TPE,
 the paper's defaults as the first point, trials stopped early told PRUNED with their epochs).
@@ -43,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.space import DEFAULT_SPACE, DefineByRun, load_space, paper_default_point  # noqa: E402
 
 DEFAULT_TABLE = ROOT / "bench" / "tables" / "default_space.csv"
+DEFAULT_SEEDS_TABLE = ROOT / "bench" / "tables" / "default_space_seeds.csv"
 TOLERANCE = 0.005
 
 
@@ -59,6 +64,12 @@ class Table:
 
     def final_mean(self, config: int) -> float:
         return float(np.nanmean(self.curves[config, :, -1]))
+
+    def seed_noise(self) -> np.ndarray:
+        """One curve per configuration measured with two seeds: ``(seed a - seed b) / sqrt(2)``, whose
+        variance is one run's seed variance at each epoch."""
+        pairs = [c[~np.isnan(c).any(axis=1)][:2] for c in self.curves]
+        return np.array([(a - b) / math.sqrt(2) for a, b in (p for p in pairs if len(p) == 2)]).reshape(-1, self.epochs)
 
 
 def load_table(path: Path, search: dict) -> Table:
@@ -104,9 +115,11 @@ def _unit(params: dict, search: dict) -> np.ndarray:
 
 
 class Lookup:
-    def __init__(self, table: Table, search: dict):
+    def __init__(self, table: Table, search: dict, noise: np.ndarray | None = None):
+        """``noise``: seed-noise curves (:meth:`Table.seed_noise`) added where a configuration has one seed."""
         self.table, self.search = table, search
         self.points = np.stack([_unit(p, search) for p in table.params])
+        self.noise = noise if noise is not None and len(noise) else None
 
     def nearest(self, params: dict) -> int:
         return int(np.argmin(((self.points - _unit(params, self.search)) ** 2).sum(axis=1)))
@@ -114,7 +127,10 @@ class Lookup:
     def observe(self, config: int, rng: np.random.Generator) -> np.ndarray:
         curves = self.table.curves[config]
         measured = [c for c in curves if not np.isnan(c).any()]
-        return measured[rng.integers(len(measured))]
+        seen = measured[rng.integers(len(measured))]
+        if len(measured) == 1 and self.noise is not None:
+            seen = seen + rng.choice([-1.0, 1.0]) * self.noise[rng.integers(len(self.noise))]
+        return seen
 
 
 class OptunaProposer:
@@ -241,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     parser.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="the space the table measured")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--seeds-table", type=Path, default=DEFAULT_SEEDS_TABLE,
+                        help="configurations measured with two seeds: their seed noise is added to one-seed rows "
+                             "('none': no noise added)")
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--trials", type=int, default=32, help="random search's trials: its compute is trials x epochs")
     parser.add_argument("--concurrency", type=int, default=None, help="simulated workers (default: the space's max_concurrent)")
     parser.add_argument("--grace-periods", type=int, nargs="+", default=None, help="ASHA grace periods (default: the space's)")
@@ -257,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.table}: no table (make one with bench/search_table.py)", file=sys.stderr)
         return 2
     table = load_table(args.table, space.search)
-    lookup = Lookup(table, space.search)
+    noise = table.seed_noise()
+    if str(args.seeds_table) != "none" and args.seeds_table.is_file():
+        noise = np.concatenate([noise, load_table(args.seeds_table, space.search).seed_noise()])
+    lookup = Lookup(table, space.search, noise)
     budget = args.trials * table.epochs
     started = time.perf_counter()
     curves = {}
@@ -269,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"table": str(args.table), "configurations": len(table.params), "seeds": table.curves.shape[1],
                "epochs": table.epochs, "repeats": args.repeats, "budget_trial_epochs": budget,
                "concurrency": concurrency, "target_AP": target, "rung_spearman": rung_correlations(table),
+               "seed_noise_sd": [float(x) for x in np.sqrt((noise ** 2).mean(axis=0))] if len(noise) else None,
+               "seed_noise_curves": len(noise),
                "best_configuration_AP": max(table.final_mean(i) for i in range(len(table.params))), "searchers": {}}
+    sd = ", ".join(f"{x:.4f}" for x in summary["seed_noise_sd"]) if summary["seed_noise_sd"] else "none measured"
+    print(f"seed noise added to one-seed rows: sd per epoch {sd} ({len(noise)} measured seed pairs)")
     print(f"{len(table.params)} configurations x {table.curves.shape[1]} seeds x {table.epochs} epochs; "
           f"{args.repeats} repeats; budget {budget} trial-epochs ({args.trials} full trials); "
           f"target: random search's final median incumbent - {TOLERANCE} = {target:.4f}")

@@ -120,7 +120,7 @@ def test_the_table_generator_writes_a_grid_the_ablation_runner_accepts(tmp_path)
         assert param.low <= min(values) and max(values) <= param.high
         assert max(values) - min(values) > 0.5 * (param.high - param.low)  # spread over the range, not clustered
     grid = load_grid(str(write_grid(DEFAULT_SPACE, points, 2, "table", tmp_path)))
-    assert grid.seeds == [0, 1] and len(grid.rows) == 9 and grid.rows["p003"]["params"] == points[3]  # + the none row
+    assert grid.seeds == [0, 1] and len(grid.rows) == 9 and grid.rows["p003"].params == points[3]  # + the none row
 
 
 def test_a_plan_holds_the_trials_configs_and_the_export_skips_cut_runs(tmp_path):
@@ -148,3 +148,25 @@ def test_a_plan_holds_the_trials_configs_and_the_export_skips_cut_runs(tmp_path)
     assert export(rows, space.search, tmp_path / "t.csv") == 6
     table = load_table(tmp_path / "t.csv", space.search)
     assert table.final_mean(0) == pytest.approx(0.525)
+
+
+def test_seed_noise_is_measured_from_seed_pairs_and_added_to_one_seed_rows(table_path, tmp_path):
+    space = load_space(DEFAULT_SPACE)
+    table = load_table(table_path, space.search)
+    noise = table.seed_noise()
+    # (seed 0 - seed 1) / sqrt(2) of each configuration, e.g. config 0: (-0.02, -0.02, -0.02) / sqrt(2)
+    assert noise.shape == (3, 3) and np.allclose(noise[0], [-0.02 / 2 ** 0.5] * 3) and np.allclose(noise[2, 1], -0.02 / 2 ** 0.5)
+    one_seed = tmp_path / "one_seed.csv"
+    lines = table_path.read_text().splitlines()
+    one_seed.write_text("\n".join([lines[0], *[line for line in lines[1:] if line.split(",")[1] == "0"]]) + "\n")
+    single = load_table(one_seed, space.search)
+    assert single.seed_noise().size == 0
+    rng = np.random.default_rng(0)
+    plain = Lookup(single, space.search).observe(1, rng)
+    noisy = [Lookup(single, space.search, noise).observe(1, rng) for _ in range(20)]
+    assert np.allclose(plain, CURVES[1]["seeds"][0])
+    offsets = {round(float(n[2] - plain[2]), 6) for n in noisy}  # one measured curve, either sign
+    assert offsets <= {round(s * float(c[2]), 6) for c in noise for s in (-1, 1)} and len(offsets) > 1
+    # a configuration with two measured seeds draws among them, with nothing added
+    two = Lookup(table, space.search, noise).observe(1, rng)
+    assert any(np.allclose(two, seed) for seed in CURVES[1]["seeds"])
