@@ -117,6 +117,13 @@ def test_names_parameters_and_errors():
     assert isinstance(build_distiller("crosskd", 8, 8, ["0"]), HeadLevel)
     assert build_distiller("crosskd", 8, 8, ["0"], family="retinanet").loss.cls_weight == 1.0
     assert build_distiller("crosskd", 8, 8, ["0"]).loss.cls_weight == 0.4  # the paper's FCOS config
+    # a tuning run starts from the paper's values for the pair's head (not from "unset")
+    from orchestrator.ablate import load_grid, row_space
+    from orchestrator.space import paper_default_point
+
+    grid = load_grid("search_spaces/methods.yaml")
+    assert paper_default_point(row_space(grid, grid.rows["dmkd+crosskd"])) == {
+        "alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65, "cls_weight": 0.4, "reg_weight": 0.75}
     for bad, message in (("dmkd+mgd", "at most one feature method"), ("none+crosskd", "at most one"),
                          ("dmkd+kd", "unknown method 'kd'")):
         with pytest.raises(UserError, match=message):

@@ -71,19 +71,27 @@ def _parameters(factory: partial | None) -> dict[str, object]:
             if p.kind is p.KEYWORD_ONLY and name not in factory.keywords}
 
 
-def method_parameters(method: str) -> dict[str, object]:
+def method_parameters(method: str, family: str | None = None) -> dict[str, object]:
     """The parameters a method takes, with their defaults (fixed switches of a variant excluded); a
-    joined method takes its parts' (None: the value depends on the detector, see the loss)."""
+    joined method takes its parts'. A head method's defaults depend on the detector: None, or with
+    ``family`` (fcos, retinanet) the values its loss would use (its ``paper_defaults``)."""
     check_method(method)
-    return {name: default for part in parts(method) for name, default in _parameters(_factories()[part]).items()}
+    found = {}
+    for part in parts(method):
+        defaults = _parameters(_factories()[part])
+        if family is not None and part in HEAD_METHODS:
+            resolved = HEAD_METHODS[part].func.paper_defaults(family)
+            defaults = {k: resolved.get(k, v) if v is None else v for k, v in defaults.items()}
+        found.update(defaults)
+    return found
 
 
-def method_settings(method: str) -> dict[str, object]:
+def method_settings(method: str, family: str | None = None) -> dict[str, object]:
     """Everything a method's loss is built with by default: its variant's fixed switches and the
     defaults of its parameters (what a run record shows beside the values that were set)."""
     check_method(method)
     fixed = {k: v for part in parts(method) if _factories()[part] is not None for k, v in _factories()[part].keywords.items()}
-    return {**fixed, **method_parameters(method)}
+    return {**fixed, **method_parameters(method, family)}
 
 
 def _factories() -> dict[str, partial | None]:

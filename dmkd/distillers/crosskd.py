@@ -93,6 +93,11 @@ class CrossKDLoss(nn.Module):
         self.align_cls = aligner(student_channels, teacher_channels)
         self.align_reg = aligner(student_channels, teacher_channels)
 
+    @staticmethod
+    def paper_defaults(family: str) -> dict:
+        """The values an unset parameter takes for a ``family`` head (fcos, retinanet)."""
+        return dict(PAPER[family])
+
     @property
     def tower_layer(self) -> int:
         return self.reuse_from
