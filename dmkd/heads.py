@@ -21,6 +21,13 @@ def head_family(arch: str) -> str | None:
     return next((family for family in DENSE_FAMILIES if arch.startswith(family)), None)
 
 
+def defaults_family(arch: str) -> str:
+    """The family whose defaults a head method's unset parameters take for ``arch``: its own, or FCOS's for
+    a detector without a dense head (a head method is refused for it by ``check_pair``; feature methods
+    have no per-family defaults, so the choice cannot change what they build)."""
+    return head_family(arch) or "fcos"
+
+
 @dataclass
 class HeadView:
     """One batch through a dense head. ``outputs`` are torchvision's (``cls_logits`` N x HWA x K,
@@ -127,9 +134,10 @@ def predict_from(head: nn.Module, layer: int, cls_features: list[torch.Tensor],
     return {name: torch.cat(parts, dim=1) for name, parts in outputs.items()}
 
 
-def decode_boxes(detector: nn.Module, regression: torch.Tensor, anchors: list[torch.Tensor]) -> torch.Tensor:
-    """(N, HWA, 4) regression outputs -> boxes in input pixels, with the detector's own box coder."""
-    stacked = torch.stack(anchors).to(regression.dtype)
+def decode_boxes(detector: nn.Module, regression: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(N, HWA, 4) regression outputs and (N, HWA, 4) anchors -> boxes in input pixels, with the detector's
+    own box coder."""
+    stacked = anchors.to(regression.dtype)
     if hasattr(detector.box_coder, "decode_single"):  # RetinaNet's BoxCoder
         return detector.box_coder.decode_single(regression.reshape(-1, 4), stacked.reshape(-1, 4)).view_as(regression)
     return detector.box_coder.decode(regression, stacked)  # FCOS's BoxLinearCoder

@@ -32,7 +32,7 @@ from dmkd.data import CocoDetection, EpochTaggedSampler, SeededAugmentation, col
 from dmkd.distillers import check_method, check_pair, check_parameters
 from dmkd.errors import UserError
 from dmkd.evaluate import evaluate_detector
-from dmkd.heads import head_family
+from dmkd.heads import defaults_family
 from dmkd.io import atomic_write_json
 from dmkd.models import DetectorConfig, build_detector, weights_classes
 from dmkd.pairing import build_distillation
@@ -121,7 +121,7 @@ class TrainConfig:
                 raise UserError(f"{self.teacher_checkpoint}: teacher checkpoint file not found")
             (self.teacher or MINI_TEACHER).validate("teacher")
             check_pair(self.method, self.detector, self.teacher or MINI_TEACHER, self.distill)
-        check_parameters(self.method, self.distill, family=head_family(self.detector.arch) or "fcos")
+        check_parameters(self.method, self.distill, family=defaults_family(self.detector.arch))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":

@@ -13,7 +13,7 @@ import yaml
 
 from dmkd.config import from_dict, to_dict
 from dmkd.distillers import check_method, check_parameters, method_parameters
-from dmkd.heads import head_family
+from dmkd.heads import defaults_family
 from dmkd.errors import UserError
 from dmkd.evaluate import METRIC_NAMES
 from dmkd.models import DetectorConfig
@@ -401,7 +401,7 @@ def define_by_run(space: SweepSpace) -> DefineByRun:
 def paper_default_point(space: SweepSpace) -> dict:
     """The method's published defaults (its loss's constructor defaults), overridden by the space's
     ``fixed`` values, restricted to the searched parameters and clipped to their ranges."""
-    defaults = {**method_parameters(space.method, head_family(space.pair.student.arch) or "fcos"), **space.fixed}
+    defaults = {**method_parameters(space.method, defaults_family(space.pair.student.arch)), **space.fixed}
     point = {}
     for name, param in space.search.items():
         if name not in defaults:

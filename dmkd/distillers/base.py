@@ -105,8 +105,14 @@ class HeadLevel(nn.Module):
     def __init__(self, name: str, loss: nn.Module):
         super().__init__()
         self.name, self.loss = name, loss
-        self.needs = loss.needs
-        self.tower_layer = loss.tower_layer
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.loss.needs
+
+    @property
+    def tower_layer(self) -> int:
+        return self.loss.tower_layer
 
     def distill(self, inputs: DistillInputs) -> dict[str, torch.Tensor]:
         return self.loss(inputs)
@@ -122,8 +128,14 @@ class Composite(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.name = "+".join(part.name for part in parts)
-        self.needs = frozenset().union(*(part.needs for part in parts))
-        self.tower_layer = next((part.tower_layer for part in parts if hasattr(part, "tower_layer")), None)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(part.needs for part in self.parts))
+
+    @property
+    def tower_layer(self) -> int | None:
+        return next((part.tower_layer for part in self.parts if hasattr(part, "tower_layer")), None)
 
     def distill(self, inputs: DistillInputs) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 from dmkd.distillers.base import DistillInputs, aligner, check_weight
-from dmkd.heads import DENSE_FAMILIES, HeadView, decode_boxes, predict_from
+from dmkd.heads import DENSE_FAMILIES, HeadView, decode_boxes, head_family, predict_from
 
 PAPER = {"retinanet": {"cls_weight": 1.0, "reg_weight": 1.0, "centerness_weight": 0.0, "reuse_from": 3},
          "fcos": {"cls_weight": 0.4, "reg_weight": 0.75, "centerness_weight": 0.75, "reuse_from": 2}}
@@ -128,8 +128,9 @@ class CrossKDLoss(nn.Module):
         terms = {"crosskd_cls": self.cls_weight * (kd_quality_focal(cross["cls_logits"].float(), t_cls, self.beta)
                                                    * valid).sum() / normaliser}
         box_weight = t_cls.max(-1)[0].sigmoid() * valid.squeeze(-1)
-        cross_boxes = decode_boxes(inputs.teacher_head.detector, cross["bbox_regression"].float(), student.anchors)
-        teacher_boxes = decode_boxes(inputs.teacher_head.detector, teacher.outputs["bbox_regression"].float(), student.anchors)
+        anchors = torch.stack(student.anchors)
+        cross_boxes = decode_boxes(inputs.teacher_head.detector, cross["bbox_regression"].float(), anchors)
+        teacher_boxes = decode_boxes(inputs.teacher_head.detector, teacher.outputs["bbox_regression"].float(), anchors)
         sizes = teacher_boxes[..., 2:] - teacher_boxes[..., :2]
         box_weight = box_weight * (sizes > 0).all(-1)  # a degenerate teacher box (FCOS ReLU at 0) has no shape to mimic
         giou = generalized_box_iou_loss(cross_boxes.reshape(-1, 4), teacher_boxes.reshape(-1, 4), reduction="none")
@@ -142,8 +143,6 @@ class CrossKDLoss(nn.Module):
 
 def check_detectors(student_arch: str, teacher_arch: str, teacher_tower: int, reuse_from: int | None) -> None:
     """CrossKD's requirements on the pair, checked from their configs (``ValueError`` names the problem)."""
-    from dmkd.heads import head_family
-
     family = head_family(student_arch)
     if family is None:
         raise ValueError(f"crosskd needs a dense head (FCOS or RetinaNet), not {student_arch}: its RoI head predicts "
