@@ -55,8 +55,11 @@ class DMKDWandbCallback(WandbLoggerCallback):
         row = config.get("row")
         cfg = trial_train_config(config, space=self._space, setup=self._setup, rows=self._rows)
         self._seeds[trial] = cfg.seed
+        # resume "allow": a trial continued by a resumed sweep continues its W&B run (Ray's callback asks for
+        # resume=False, which starts the run with that id over)
         self.kwargs.update(tags=[cfg.method, f"variant:{row or cfg.method}", f"seed:{cfg.seed}"], name=run_name(cfg, row),
-                           config=flat_run_config(cfg, space=self._space, row=row, versions=self._versions))
+                           config=flat_run_config(cfg, space=self._space, row=row, versions=self._versions),
+                           resume="allow")
         super().log_trial_start(trial)
         self._trial_queues[trial].__class__ = _SendOnlyQueue  # same object and actor, a put that does not wait
 
@@ -78,6 +81,15 @@ class DMKDWandbCallback(WandbLoggerCallback):
 
             extra["attention"] = wandb.Image(os.path.join(path, ATTENTION_PNG))
         super().log_trial_result(iteration, trial, {**result, **extra})
+
+    def on_experiment_end(self, trials, **info):
+        """Ray's callback waits up to ``upload_timeout`` for the W&B actors of all trials, but only the
+        trials that ended were told to finish: after Ctrl-C the running trials' actors waited the timeout
+        out (30 s more before the sweep stopped) and were killed with their records unwritten. Every open
+        run is told to finish first."""
+        for trial in list(self._trial_logging_actors):
+            self._signal_logging_actor_stop(trial=trial)
+        super().on_experiment_end(trials, **info)
 
     def __del__(self):
         try:

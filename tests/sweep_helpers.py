@@ -78,3 +78,22 @@ def tune_results(experiment: Path) -> dict[str, list[dict]]:
 
 def study(experiment: Path, name: str = "tiny"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{experiment / 'optuna.db'}")
+
+
+def _inspect(run_dir: Path, tmp_path: Path, *options: str) -> str:
+    import subprocess
+
+    inspect = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", *options,
+                              str(run_dir)], capture_output=True, text=True, env=sweep_env(tmp_path), timeout=120)
+    return inspect.stdout
+
+
+def wandb_summary(run_dir: Path, tmp_path: Path) -> dict:
+    """An offline W&B run as W&B's own reader sees it: state, tags, name, config, latest metrics."""
+    return json.loads(_inspect(run_dir, tmp_path, "--summary"))
+
+
+def wandb_run_record(run_dir: Path, tmp_path: Path) -> dict:
+    """The run record of an offline W&B run (what ``wandb.init`` was asked for: id, group, resume...)."""
+    records = (json.loads(line) for line in _inspect(run_dir, tmp_path).splitlines() if line.strip())
+    return next(record["run"] for record in records if record.get("type") == "run")

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.sweep_helpers import study, sweep_command, sweep_env, tiny_space, tune_results
+from tests.sweep_helpers import study, sweep_command, sweep_env, tiny_space, tune_results, wandb_run_record, wandb_summary
 
 pytestmark = pytest.mark.slow
 
@@ -153,6 +153,14 @@ def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_
     trials = study(experiment).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 2
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 2
+
+    # W&B: the trial running at Ctrl-C had its run finished with what it had logged (not killed with its
+    # records unwritten), and its resumed session continues that run
+    (trial_id,) = [t for t, e in at_ctrl_c.items() if e < epochs]
+    first, resumed = sorted((experiment / "wandb").glob(f"offline-run-*-{trial_id}"))[:2]
+    before = wandb_summary(first, tmp_path)
+    assert before["state"] == "finished" and before["summary"]["epoch"] >= at_ctrl_c[trial_id], before
+    assert wandb_run_record(resumed, tmp_path)["resume"] is True  # Ray's default would start the run over
 
 
 def test_a_nan_trial_fails_with_its_reason_after_the_configured_retries(tmp_path, mini_data):

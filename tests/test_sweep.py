@@ -2,8 +2,6 @@
 One Ray instance at a time: each sweep runs as its own `python -m orchestrator.sweep` process."""
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
@@ -13,6 +11,7 @@ from tests.sweep_helpers import sweep_command as _command
 from tests.sweep_helpers import sweep_env as _env
 from tests.sweep_helpers import tiny_space as _space
 from tests.sweep_helpers import tune_results as _tune_results
+from tests.sweep_helpers import wandb_summary
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +65,7 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
         (run_dir,) = (experiment / "wandb").glob(f"offline-run-*-{trial_id}")
         record = (run_dir / f"run-{trial_id}.wandb").read_bytes()
         assert b"fcos-resnet10_quarter-fpn64->fcos-resnet10_quarter-fpn64" in record
-        inspect = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
-                                  str(run_dir)], capture_output=True, text=True, env=_env(tmp_path), timeout=120)
-        summary = json.loads(inspect.stdout)
+        summary = wandb_summary(run_dir, tmp_path)
         history = tune_results[trial_id]
         assert summary["tags"] == ["dmkd", "variant:dmkd", "seed:0"]
         assert summary["summary"]["epoch"] == history[-1]["epoch"]
