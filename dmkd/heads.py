@@ -137,7 +137,7 @@ def predict_from(head: nn.Module, layer: int, cls_features: list[torch.Tensor],
 def decode_boxes(detector: nn.Module, regression: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """(N, HWA, 4) regression outputs and (N, HWA, 4) anchors -> boxes in input pixels, with the detector's
     own box coder."""
-    stacked = anchors.to(regression.dtype)
+    anchors = anchors.to(regression.dtype)
     if hasattr(detector.box_coder, "decode_single"):  # RetinaNet's BoxCoder
-        return detector.box_coder.decode_single(regression.reshape(-1, 4), stacked.reshape(-1, 4)).view_as(regression)
-    return detector.box_coder.decode(regression, stacked)  # FCOS's BoxLinearCoder
+        return detector.box_coder.decode_single(regression.reshape(-1, 4), anchors.reshape(-1, 4)).view_as(regression)
+    return detector.box_coder.decode(regression, anchors)  # FCOS's BoxLinearCoder
