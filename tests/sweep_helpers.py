@@ -1,6 +1,7 @@
 """Helpers for the tests that run real sweeps, each as its own `python -m orchestrator.sweep` process."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,8 +82,6 @@ def study(experiment: Path, name: str = "tiny"):
 
 
 def _inspect(run_dir: Path, tmp_path: Path, *options: str) -> str:
-    import subprocess
-
     inspect = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", *options,
                               str(run_dir)], capture_output=True, text=True, env=sweep_env(tmp_path), timeout=120)
     return inspect.stdout

@@ -210,11 +210,10 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     # runs in this process, without Ray: a second `orchestrator.ablate` would cost a minute of the suite to
     # show the same thing.)
     other = load_grid(_grid(tmp_path, mini_data, {"seeds": 1, "rows": {"plain": {"method": "none"}}}, name="again"))
-    paths = data_paths(other.space)
-    assert reference_folder(other.space, paths, tmp_path / "exp" / "references") == cache
+    paths, cache_root = data_paths(other.space), reference_cache(str(tmp_path / "exp"))
+    assert reference_folder(other.space, paths, cache_root) == cache
     said = []
-    cached = ensure_references(other.space, other.seeds, TrialSetup(None, paths, "unused"),
-                              reference_cache(str(tmp_path / "exp")), log=said.append)
+    cached = ensure_references(other.space, other.seeds, TrialSetup(None, paths, "unused"), cache_root, log=said.append)
     assert said == [f"reference: cached in {cache}"] and cached == {0: reference["0"]}
 
     # the report command reads the stored results again, into another folder; the teacher's stored
