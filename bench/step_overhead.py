@@ -22,8 +22,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dmkd.distillers import build_distiller
-from dmkd.heads import defaults_family
+from dmkd.distillers import build_distiller, detector_family
 from dmkd.models import DetectorConfig, TeacherFeatures, build_detector, feature_shapes
 from dmkd.step import StudentWithDistiller, teacher_outputs
 
@@ -62,7 +61,7 @@ def build_step(method: str, spec: dict, device: torch.device, bf16: bool, channe
     teacher_detector = build_detector(spec["teacher"])
     shapes = feature_shapes(student, spec["student"].image_size)
     distiller = build_distiller(method, spec["student"].fpn_channels, spec["teacher"].fpn_channels, list(shapes),
-                                family=defaults_family(spec["student"].arch))
+                                family=detector_family(spec["student"].arch))
     model = StudentWithDistiller(student, distiller).to(device).train()
     head_layer = getattr(distiller, "tower_layer", None)
     teacher = TeacherFeatures(teacher_detector, head_layer=head_layer).to(device) if distiller is not None else None

@@ -21,13 +21,6 @@ def head_family(arch: str) -> str | None:
     return next((family for family in DENSE_FAMILIES if arch.startswith(family)), None)
 
 
-def defaults_family(arch: str) -> str:
-    """The family whose defaults a head method's unset parameters take for ``arch``: its own, or FCOS's for
-    a detector without a dense head (a head method is refused for it by ``check_pair``; feature methods
-    have no per-family defaults, so the choice cannot change what they build)."""
-    return head_family(arch) or "fcos"
-
-
 @dataclass
 class HeadView:
     """One batch through a dense head. ``outputs`` are torchvision's (``cls_logits`` N x HWA x K,

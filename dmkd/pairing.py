@@ -7,9 +7,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from dmkd.distillers import build_distiller, needs_head
+from dmkd.distillers import build_distiller, detector_family, needs_head
 from dmkd.errors import UserError
-from dmkd.heads import defaults_family
 from dmkd.models import DetectorConfig, TeacherFeatures, build_detector, feature_shapes, load_weights, weights_classes
 
 
@@ -50,5 +49,5 @@ def build_distillation(cfg, num_classes: int) -> tuple[TeacherFeatures, nn.Modul
     teacher_channels = next(iter(teacher_shapes.values()))[0]
     torch.manual_seed(cfg.seed)  # the distiller's initial weights depend on the seed only
     distiller = build_distiller(cfg.method, student_channels, teacher_channels, list(student_shapes), cfg.distill,
-                                family=defaults_family(cfg.detector.arch))
+                                family=detector_family(cfg.detector.arch))
     return TeacherFeatures(teacher_detector, head_layer=getattr(distiller, "tower_layer", None)), distiller

@@ -29,10 +29,9 @@ from dmkd import distributed as dist_utils
 from dmkd.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
 from dmkd.config import from_dict, to_dict
 from dmkd.data import CocoDetection, EpochTaggedSampler, SeededAugmentation, collate
-from dmkd.distillers import check_method, check_pair, check_parameters
+from dmkd.distillers import check_method, check_pair, check_parameters, detector_family
 from dmkd.errors import UserError
 from dmkd.evaluate import evaluate_detector
-from dmkd.heads import defaults_family
 from dmkd.io import atomic_write_json
 from dmkd.models import DetectorConfig, build_detector, weights_classes
 from dmkd.pairing import build_distillation
@@ -121,7 +120,7 @@ class TrainConfig:
                 raise UserError(f"{self.teacher_checkpoint}: teacher checkpoint file not found")
             (self.teacher or MINI_TEACHER).validate("teacher")
             check_pair(self.method, self.detector, self.teacher or MINI_TEACHER, self.distill)
-        check_parameters(self.method, self.distill, family=defaults_family(self.detector.arch))
+        check_parameters(self.method, self.distill, family=detector_family(self.detector.arch))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":
@@ -215,8 +214,12 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
         start_epoch, step, history = restore(run.resume_state, run.checkpoint_path, run.model, run.optimizer, run.scheduler)
     metrics: dict = history[-1] if history else {}
     for epoch in range(start_epoch, run.cfg.epochs):
+        cpu_started = time.process_time()
         metrics, step = train_epoch(run, epoch, step, progress)
         evaluate_epoch(run, epoch, metrics)
+        # the CPU time of every rank's process (all its threads), for the compute a report charges a run
+        cpu = dist_utils.mean_over_ranks({"cpu": time.process_time() - cpu_started}, run.device)["cpu"]
+        metrics["time/cpu_s"] = cpu * dist_utils.world_size()
         history.append(metrics)
         written = None
         if dist_utils.is_main():
@@ -292,6 +295,7 @@ def train_epoch(run: Run, epoch: int, step: int, progress: bool) -> tuple[dict, 
     bar = tqdm(total=run.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (progress and dist_utils.is_main()))
     seen = 0
+    first_step = {}
     for images, targets in run.loader:
         if seen == run.iters_per_epoch:
             break
@@ -300,6 +304,8 @@ def train_epoch(run: Run, epoch: int, step: int, progress: bool) -> tuple[dict, 
         figures = train_step(run.ddp_model, run.teacher, images, targets, run.optimizer, run.scheduler,
                              grad_clip=cfg.grad_clip, use_amp=cfg.amp and device.type == "cuda",
                              where=f"step {step} (epoch {epoch + 1})")
+        if step == 0 and run.model.distiller is not None:
+            first_step = {"loss/distill_step0": figures["loss/distill"], "loss/detector_step0": figures["loss/detector"]}
         step += 1
         seen += 1
         for name, value in figures.items():
@@ -309,10 +315,22 @@ def train_epoch(run: Run, epoch: int, step: int, progress: bool) -> tuple[dict, 
     bar.close()
     metrics = {"epoch": epoch + 1, "step": step, "lr": run.scheduler.get_last_lr()[0],
                "time/train_s": time.perf_counter() - started, **run.pairing}
-    metrics.update(dist_utils.mean_over_ranks({k: v / seen for k, v in sums.items()}, device))
-    if run.model.distiller is not None and hasattr(run.model.distiller, "extra_metrics"):
+    metrics.update(dist_utils.mean_over_ranks({**{k: v / seen for k, v in sums.items()}, **first_step}, device))
+    if run.model.distiller is not None:
         metrics.update(run.model.distiller.extra_metrics())
+        metrics.update(loss_ratios(metrics))
     return metrics, step
+
+
+def loss_ratios(metrics: dict) -> dict:
+    """How large the distillation loss is against the detector's own: over the epoch (means of the two),
+    and at the run's first step. A ratio far above 1 means the distillation gradient dwarfs the detector's."""
+    ratios = {}
+    for name, distill, detector in (("loss_ratio", "loss/distill", "loss/detector"),
+                                    ("loss_ratio/step0", "loss/distill_step0", "loss/detector_step0")):
+        if distill in metrics and metrics.get(detector):
+            ratios[name] = metrics[distill] / metrics[detector]
+    return ratios
 
 
 def evaluate_epoch(run: Run, epoch: int, metrics: dict) -> None:

@@ -20,8 +20,8 @@ from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from dmkd.config import to_dict
+from dmkd.distillers import detector_family
 from dmkd.checkpoint import CHECKPOINT_NAME
-from dmkd.heads import defaults_family
 from dmkd.pairing import build_distillation
 from dmkd.train import TrainConfig, fit, load_data
 from orchestrator.rows import Row, TrialSetup
@@ -117,7 +117,7 @@ def flat_run_config(cfg: TrainConfig, *, space, row: str | None, versions: dict)
     flat = {"method": cfg.method, "row": row or cfg.method, "seed": cfg.seed, "pair": space.pair_name,
             "data": data_name(cfg)}
     flat.update({f"distill.{k}": list(v) if isinstance(v, tuple) else v
-                 for k, v in {**method_settings(cfg.method, defaults_family(cfg.detector.arch)), **cfg.distill}.items()})
+                 for k, v in {**method_settings(cfg.method, detector_family(cfg.detector.arch)), **cfg.distill}.items()})
     for role, detector in (("teacher", cfg.teacher if cfg.method != "none" else None), ("student", cfg.detector)):
         if detector is not None:
             flat.update({f"{role}.{k}": v for k, v in to_dict(detector).items() if k != "num_classes"})
@@ -137,7 +137,7 @@ def run_name(cfg: TrainConfig, row: str | None) -> str:
     parts = [row or cfg.method]
     key = next(iter(search_space(cfg.method)), None)
     if key is not None:
-        value = cfg.distill.get(key, method_settings(cfg.method, defaults_family(cfg.detector.arch)).get(key))
+        value = cfg.distill.get(key, method_settings(cfg.method, detector_family(cfg.detector.arch)).get(key))
         parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
     parts.append(f"seed {cfg.seed}")
     return " ".join(parts)

@@ -40,6 +40,15 @@ def test_kd_quality_focal_matches_hand_computed_values():
         (math.log1p(math.exp(2.0)) - 1.0) * abs(sig(2.0) - 0.5) ** 2, rel=1e-6)
 
 
+def test_log_iou_loss_matches_hand_computed_values():
+    from dmkd.distillers.crosskd import log_iou_loss
+
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    targets = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 6.0, 6.0]])
+    # overlap 1 of union 7; identical; disjoint (IoU clamped at 1e-6)
+    assert log_iou_loss(boxes, targets).tolist() == pytest.approx([math.log(7), 0.0, -math.log(1e-6)], rel=1e-5)
+
+
 def test_rescale_like_gives_the_teacher_statistics_per_channel():
     torch.manual_seed(1)
     student, teacher = torch.randn(2, 3, 4, 4) * 5 + 2, torch.randn(2, 3, 4, 4) * 0.5 - 1
@@ -49,15 +58,15 @@ def test_rescale_like_gives_the_teacher_statistics_per_channel():
     assert torch.allclose(flat_out.std(1), flat_t.std(1), atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["fcos", "retinanet"])
-def test_a_student_identical_to_its_teacher_reproduces_its_predictions(family):
+@pytest.mark.parametrize("family,box_loss", [("fcos", "iou"), ("fcos", "giou"), ("retinanet", "giou")])
+def test_a_student_identical_to_its_teacher_reproduces_its_predictions(family, box_loss):
     """Same weights on both sides: the cross-head predictions are the teacher's own, so every term is 0.
     Fails if the tower is tapped after its ReLU, entered at the wrong block, or decoded differently."""
     torch.manual_seed(2)
     teacher_detector = build_detector(TEACHER[family])
     student = copy.deepcopy(teacher_detector).train()
     teacher = TeacherFeatures(teacher_detector, head_layer=3 if family == "retinanet" else 2)
-    distiller = build_distiller("crosskd", 64, 64, ["0"], {"centerness_weight": 1.0}, family=family)
+    distiller = build_distiller("crosskd", 64, 64, ["0"], {"centerness_weight": 1.0, "box_loss": box_loss}, family=family)
     model = StudentWithDistiller(student, distiller)
     student.backbone.eval()  # the teacher's BatchNorms are frozen (folded): give the student the same statistics
     images, targets = _batch()
@@ -116,7 +125,11 @@ def test_names_parameters_and_errors():
                                                  "cls_weight", "reg_weight"}
     assert isinstance(build_distiller("crosskd", 8, 8, ["0"]), HeadLevel)
     assert build_distiller("crosskd", 8, 8, ["0"], family="retinanet").loss.cls_weight == 1.0
-    assert build_distiller("crosskd", 8, 8, ["0"]).loss.cls_weight == 0.4  # the paper's FCOS config
+    fcos = build_distiller("crosskd", 8, 8, ["0"]).loss  # the paper's FCOS config: -log IoU, no centerness term
+    assert (fcos.cls_weight, fcos.reg_weight, fcos.centerness_weight, fcos.box_loss) == (0.4, 0.75, 0.0, "iou")
+    assert build_distiller("crosskd", 8, 8, ["0"], family="retinanet").loss.box_loss == "giou"
+    variant = build_distiller("crosskd", 8, 8, ["0"], {"box_loss": "giou", "centerness_weight": 0.75}).loss
+    assert (variant.box_loss, variant.centerness_weight) == ("giou", 0.75)
     # a tuning run starts from the paper's values for the pair's head (not from "unset")
     from orchestrator.ablate import load_grid, row_space
     from orchestrator.space import paper_default_point

@@ -168,15 +168,17 @@ def test_fgd_foreground_mask_covers_the_boxes():
 
 def test_pkd_loss_on_hand_checked_tensors():
     """One channel, four positions (batch 1, 2x2): the loss is weight (n-1)/n (1 - r) with the sample
-    standard deviation, so r = 0 gives 6 * 3/4 = 4.5, r = -1 gives 9, any positive affine copy 0."""
+    standard deviation, so at the two-stage weight 6, r = 0 gives 6 * 3/4 = 4.5, r = -1 gives 9, any
+    positive affine copy 0."""
     from dmkd.distillers import PKDLoss
 
-    loss = PKDLoss(1, 1)  # the paper's weight 6, no aligner at equal widths
+    loss = PKDLoss(1, 1, weight=6.0)  # no aligner at equal widths
     assert loss.align is None and not list(loss.parameters())
     teacher = torch.tensor([[[[1.0, 0.0], [-1.0, 0.0]]]])
     orthogonal = torch.tensor([[[[0.0, 1.0], [0.0, -1.0]]]])  # Pearson r = 0
     assert loss(orthogonal, teacher).item() == pytest.approx(4.5, rel=1e-5)
     assert loss(-teacher, teacher).item() == pytest.approx(9.0, rel=1e-5)
+    assert PKDLoss(1, 1)(orthogonal, teacher).item() == pytest.approx(7.5, rel=1e-5)  # one-stage default 10
     assert loss(3 * teacher + 5, teacher).item() == pytest.approx(0.0, abs=1e-5)  # magnitude is not imitated
     # two channels, each standardised on its own: their mean; and the weight scales linearly
     pair_s, pair_t = torch.cat([orthogonal, 7 * teacher], 1), torch.cat([teacher, teacher], 1)
@@ -227,3 +229,68 @@ def test_parameters_are_typed_like_their_defaults():
     assert loss.alpha == 1.0 and isinstance(loss.alpha, float) and loss.branches == ("spatial",)
     with pytest.raises(UserError, match=r"distill\.alpha: must be a number, but got '2e-5x'"):
         build_distiller("dmkd", 8, 8, ["0"], {"alpha": "2e-5x"})
+
+
+def test_each_detector_family_starts_from_its_own_published_setting_and_names_it():
+    """Golden: the values of the authors' configs, per family, each citing its config by name."""
+    from dmkd.distillers import published
+    from dmkd.distillers.fgd import FGDLoss
+
+    fcos, retinanet = published("fgd", "fcos")["fgd"], published("fgd", "retinanet")["fgd"]
+    assert fcos.values == {"temperature": 0.8, "alpha": 1.6e-3, "beta": 8e-4, "gamma": 8e-4, "lambda_fgd": 8e-6}
+    assert retinanet.values == {"temperature": 0.5, "alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lambda_fgd": 5e-6}
+    assert "fgd_fcos_r101_distill_fcos_r50_2x_coco.py" in fcos.source
+    assert "fgd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py" in retinanet.source
+    assert published("fgd", "two_stage")["fgd"].values["alpha"] == 5e-5
+    assert method_parameters("pkd", "fcos")["weight"] == 10.0 and method_parameters("pkd", "two_stage")["weight"] == 6.0
+    assert "pkd_fpn_retina_x101_retina_r50_2x_coco.py" in published("pkd", "retinanet")["pkd"].source
+    assert "pkd_fpn_faster-rcnn_r101_faster-rcnn_r50_2x_coco.py" in published("pkd", "two_stage")["pkd"].source
+    assert method_parameters("mgd", "two_stage") == {"alpha": 5e-7, "lambda_mgd": 0.45}
+    assert "cascade_mask_rcnn_rx101_32x4d_distill_faster_rcnn_r50_fpn_2x_coco.py" in published("mgd", "two_stage")["mgd"].source
+    assert "our reading" in published("dmkd", "fcos")["dmkd"].source  # no DMKD config is public
+    assert published("fitnet", "fcos") == {}  # FitNet published no detection weight
+    # what a run builds when it leaves the parameters unset: its student's family's values
+    built = build_distiller("fgd", 16, 32, ["0"], family="fcos").levels["0"]
+    assert isinstance(built, FGDLoss) and (built.temperature, built.alpha) == (0.8, 1.6e-3)
+    assert build_distiller("fgd", 16, 32, ["0"], {"alpha": 2e-3}, family="fcos").levels["0"].alpha == 2e-3
+    assert build_distiller("dmkd", 16, 32, ["0"], family="two_stage").levels["0"].spatial_ratio == 0.45
+
+
+def test_a_tuning_run_starts_from_its_pairs_family_setting():
+    from orchestrator.ablate import load_grid, row_space
+    from orchestrator.space import load_space, paper_default_point
+
+    grid = load_grid("search_spaces/methods.yaml")  # the FCOS mini pair
+    assert paper_default_point(row_space(grid, grid.rows["fgd"])) == {
+        "temperature": 0.8, "alpha": 1.6e-3, "beta": 8e-4, "gamma": 8e-4, "lambda_fgd": 8e-6}
+    assert paper_default_point(row_space(grid, grid.rows["pkd"])) == {"weight": 10.0}
+    two_stage = load_space("search_spaces/fasterrcnn_r50_r18_coco.yaml")  # alpha searched in [1e-7, 5e-6]
+    assert paper_default_point(two_stage) == {"alpha": 5e-7, "temperature": 0.5, "spatial_ratio": 0.45,
+                                              "channel_ratio": 0.45}
+
+
+def test_channel_mask_overlap_and_masking_before_the_align_conv():
+    from dmkd.distillers.dmkd import mask_overlap
+
+    same = torch.ones(3, 4, 1, 1)
+    same[:, :2] = 0
+    assert mask_overlap(same) == pytest.approx(1.0)
+    apart = torch.ones(2, 4, 1, 1)
+    apart[0, :2], apart[1, 2:] = 0, 0
+    assert mask_overlap(apart) == pytest.approx(0.0)
+    half = torch.ones(2, 4, 1, 1)
+    half[0, :2], half[1, 1:3] = 0, 0  # {0, 1} and {1, 2}: 1 shared of 3
+    assert mask_overlap(half) == pytest.approx(1 / 3)
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 8, 6, 6), torch.randn(4, 16, 6, 6)
+    after = DMKDLoss(8, 16, branches=("channel",), channel_ratio=0.5)
+    before = DMKDLoss(8, 16, branches=("channel",), channel_ratio=0.5, channel_mask="before_align")
+    before.load_state_dict(after.state_dict())
+    assert after(student, teacher).item() != pytest.approx(before(student, teacher).item())
+    # before the align conv the mask covers the student's 8 channels, 4 of them masked per sample
+    _, mask = before.masks(teacher, student)
+    assert mask.shape == (4, 8, 1, 1) and (mask == 0).sum(dim=1).flatten().tolist() == [4] * 4
+    assert 0 <= before.channel_overlap() <= 1 and "mask/channel_jaccard" in after.extra_metrics()
+    with pytest.raises(ValueError, match="channel_mask must be one of"):
+        DMKDLoss(8, 16, channel_mask="sideways")

@@ -5,8 +5,10 @@ name may join one of each with ``+`` (``dmkd+crosskd``): both run in one step, e
 parameters (their names must differ).
 
 ``METHODS`` maps each feature method a config may use to its loss class and fixed switches; ``none``
-means no distillation. ``SEARCH_SPACES`` holds what a tuning run searches for each method; the ranges
-live next to each loss (its module's ``SEARCH``), and the published defaults are the constructors' defaults.
+means no distillation. ``SEARCH_SPACES`` holds what a tuning run searches for each method. Both the
+ranges and the published settings live next to each loss: its module's ``SEARCH``, and ``DEFAULTS``,
+one :class:`~dmkd.distillers.base.Published` setting per detector family (``FAMILIES``) naming the
+config it comes from. A parameter a run leaves unset takes its family's published value.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from functools import partial
 from torch import nn
 
 from dmkd.distillers import dmkd
-from dmkd.distillers.base import Composite, DistillContext, DistillInputs, HeadLevel, MultiLevel
+from dmkd.distillers.base import (FAMILIES, Composite, DistillContext, DistillInputs, HeadLevel, MultiLevel, Published,
+                                  detector_family)
 from dmkd.distillers.crosskd import CrossKDLoss, check_detectors
 from dmkd.distillers.dmkd import DMKDLoss
 from dmkd.distillers.fgd import FGDLoss
@@ -71,18 +74,30 @@ def _parameters(factory: partial | None) -> dict[str, object]:
             if p.kind is p.KEYWORD_ONLY and name not in factory.keywords}
 
 
-def method_parameters(method: str, family: str | None = None) -> dict[str, object]:
-    """The parameters a method takes, with their defaults (fixed switches of a variant excluded); a
-    joined method takes its parts'. A head method's defaults depend on the detector: None, or with
-    ``family`` (fcos, retinanet) the values its loss would use (its ``paper_defaults``)."""
+def published(method: str, family: str) -> dict[str, Published]:
+    """Each part of ``method`` with a published setting for ``family``: part name -> its setting."""
     check_method(method)
     found = {}
     for part in parts(method):
+        factory = _factories()[part]
+        setting = getattr(inspect.getmodule(factory.func), "DEFAULTS", {}).get(family) if factory else None
+        if setting is not None:
+            found[part] = setting
+    return found
+
+
+def method_parameters(method: str, family: str | None = None) -> dict[str, object]:
+    """The parameters a method takes, with their defaults (fixed switches of a variant excluded); a
+    joined method takes its parts'. With ``family`` (one of ``FAMILIES``), the defaults are that
+    family's published values where the method has them; without, the constructors' own (None for a
+    head method's per-family values)."""
+    check_method(method)
+    found = {}
+    settings = published(method, family) if family is not None else {}
+    for part in parts(method):
         defaults = _parameters(_factories()[part])
-        if family is not None and part in HEAD_METHODS:
-            resolved = HEAD_METHODS[part].func.paper_defaults(family)
-            defaults = {k: resolved.get(k, v) if v is None else v for k, v in defaults.items()}
-        found.update(defaults)
+        values = settings[part].values if part in settings else {}
+        found.update({k: values.get(k, v) for k, v in defaults.items()})
     return found
 
 
@@ -157,11 +172,12 @@ def check_pair(method: str, student, teacher, params: dict) -> None:
 
 def build_distiller(method: str, student_channels: int, teacher_channels: int, levels: list[str],
                     params: dict | None = None, where: str = "distill", family: str = "fcos") -> nn.Module | None:
-    """The distiller of ``method`` with ``params``: a feature method gets one loss per level, a head
-    method one loss for a ``family`` head (fcos, retinanet); None for ``none``."""
+    """The distiller of ``method`` with ``params`` for a student of detector ``family``: a feature method
+    gets one loss per level, a head method one loss for the head; unset parameters take the family's
+    published values; None for ``none``."""
     check_method(method)
     params = dict(params or {})
-    allowed = method_parameters(method)
+    allowed = method_parameters(method, family)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         choices = ", ".join(allowed) or "none"
@@ -169,10 +185,13 @@ def build_distiller(method: str, student_channels: int, teacher_channels: int, l
     if method == "none":
         return None
     params = {name: _typed(value, allowed[name], f"{where}.{name}") for name, value in params.items()}
+    settings = published(method, family)
     built = []
     try:
         for part in parts(method):
-            own = {k: v for k, v in params.items() if k in _parameters(_factories()[part])}
+            accepted = _parameters(_factories()[part])
+            own = {k: v for k, v in {**(settings[part].values if part in settings else {}), **params}.items()
+                   if k in accepted}
             if part in HEAD_METHODS:
                 built.append(HeadLevel(part, HEAD_METHODS[part](student_channels, teacher_channels, family, **own)))
             else:
@@ -183,6 +202,7 @@ def build_distiller(method: str, student_channels: int, teacher_channels: int, l
     return built[0] if len(built) == 1 else Composite(built)
 
 
-__all__ = ["HEAD_METHODS", "METHODS", "SEARCH_SPACES", "Composite", "CrossKDLoss", "DistillContext", "DistillInputs",
+__all__ = ["FAMILIES", "HEAD_METHODS", "METHODS", "SEARCH_SPACES", "Composite", "CrossKDLoss", "DistillContext", "DistillInputs",
            "DMKDLoss", "FGDLoss", "FitNetLoss", "HeadLevel", "MGDLoss", "MultiLevel", "PKDLoss", "build_distiller",
-           "check_method", "check_pair", "check_parameters", "method_parameters", "method_settings", "needs_head", "parts", "search_space"]
+           "Published", "check_method", "check_pair", "check_parameters", "detector_family", "method_parameters",
+           "method_settings", "needs_head", "parts", "published", "search_space"]

@@ -12,6 +12,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dmkd.heads import head_family
+
+# The detector families whose published settings differ: one-stage anchor-based (RetinaNet), one-stage
+# anchor-free (FCOS), and two-stage (Faster R-CNN, the student of every two-stage config in these papers).
+FAMILIES = ("retinanet", "fcos", "two_stage")
+
+
+def detector_family(arch: str) -> str:
+    """The family whose published defaults a method takes on a student of architecture ``arch``."""
+    return head_family(arch) or "two_stage"
+
+
+@dataclass(frozen=True)
+class Published:
+    """A method's setting for one detector family, and where it comes from (the authors' config by name,
+    or what this project chose where no config was published)."""
+
+    source: str
+    values: dict
+
 
 def check_weight(name: str, value: float) -> None:
     """A loss weight: finite and not negative (0 turns its term off)."""
@@ -89,13 +109,13 @@ class MultiLevel(nn.Module):
         return terms
 
     def extra_metrics(self) -> dict[str, float]:
-        """Per-level figures worth logging (DMKD's fusion weights)."""
+        """Per-level figures a loss declares worth logging (its ``extra_metrics()``, e.g. DMKD's fusion
+        weights): ``group/name`` of level L is logged as ``group/L/name``."""
         metrics = {}
         for level, loss in self.levels.items():
-            weights = getattr(loss, "fusion_weights", lambda: None)()
-            if weights is not None:
-                metrics[f"fusion/{level}/spatial"] = float(weights[0])
-                metrics[f"fusion/{level}/channel"] = float(weights[1])
+            for key, value in getattr(loss, "extra_metrics", dict)().items():
+                group, _, name = key.partition("/")
+                metrics[f"{group}/{level}/{name}"] = value
         return metrics
 
 

@@ -6,13 +6,16 @@ activated, and run through the frozen teacher head's remaining blocks and predic
 predictions mimic the teacher's own:
 - classification: the KD quality focal loss, ``BCE(sigmoid(s), sigmoid(t)) * |sigmoid(s) - sigmoid(t)|**beta``
   (beta 1), summed over locations and classes (RetinaNet: anchors between IoU thresholds left out);
-- boxes: GIoU between the decoded cross-head and teacher boxes, each location weighted by the teacher's
-  top class probability (0 where the teacher's box is degenerate);
-- FCOS centerness: binary KL divergence to the teacher's centerness, weighted as the boxes. (The paper's code computes the
-  cross-head centerness but leaves it out of its loss; ``centerness_weight: 0`` is that recipe.)
+- boxes: ``box_loss`` between the decoded cross-head and teacher boxes, ``giou`` (1 - GIoU) or ``iou``
+  (-log IoU, mmdet's IoULoss), each location weighted by the teacher's top class probability (0 where
+  the teacher's box is degenerate);
+- FCOS centerness, when ``centerness_weight`` > 0: binary KL divergence to the teacher's centerness,
+  weighted as the boxes. The paper's code computes the cross-head centerness but leaves it out of its
+  loss; ``box_loss: giou`` with ``centerness_weight: 0.75`` is this project's earlier variant.
 Every term is divided by the number of foreground locations (RetinaNet, as the paper) or the sum of their
-centerness targets (FCOS, as the paper). Defaults, when a weight is left unset: the paper's configs,
-RetinaNet cls 1.0 / reg 1.0 / block 3, FCOS cls 0.4 / reg 0.75 / block 2 (4-block towers).
+centerness targets (FCOS, as the paper). A parameter left unset takes its detector family's published
+value (``DEFAULTS``). The paper's pairs have towers of equal depth; with a shallower student tower,
+``reuse_from`` counts the student's blocks and feeds its last one into the teacher's later blocks.
 """
 from __future__ import annotations
 
@@ -21,11 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
-from dmkd.distillers.base import DistillInputs, aligner, check_weight
+from dmkd.distillers.base import DistillInputs, Published, aligner, check_weight
 from dmkd.heads import DENSE_FAMILIES, HeadView, decode_boxes, head_family, predict_from
 
-PAPER = {"retinanet": {"cls_weight": 1.0, "reg_weight": 1.0, "centerness_weight": 0.0, "reuse_from": 3},
-         "fcos": {"cls_weight": 0.4, "reg_weight": 0.75, "centerness_weight": 0.75, "reuse_from": 2}}
+# The authors' configs (jbwang1997/CrossKD, configs/crosskd/). Two-stage detectors have no dense head.
+DEFAULTS = {
+    "retinanet": Published("CrossKD crosskd_r50_retinanet_r101_fpn_2x_coco.py",
+                           {"cls_weight": 1.0, "reg_weight": 1.0, "centerness_weight": 0.0, "reuse_from": 3,
+                            "box_loss": "giou"}),
+    "fcos": Published("CrossKD crosskd_r50_fcos_r101-2x-ms_caffe_fpn_gn-head_2x_ms_coco.py",
+                      {"cls_weight": 0.4, "reg_weight": 0.75, "centerness_weight": 0.0, "reuse_from": 2,
+                       "box_loss": "iou"}),
+}
+BOX_LOSSES = ("giou", "iou")
 # What a tuning run searches (`orchestrator.ablate --tune`): each weight from a tenth to five times the paper's.
 SEARCH = {"cls_weight": {"type": "loguniform", "low": 0.04, "high": 5.0},
           "reg_weight": {"type": "loguniform", "low": 0.075, "high": 5.0}}
@@ -46,6 +57,17 @@ def binary_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
     target = teacher_logits.sigmoid()
     return (F.binary_cross_entropy_with_logits(student_logits, target, reduction="none")
             - F.binary_cross_entropy_with_logits(teacher_logits, target, reduction="none"))
+
+
+def log_iou_loss(boxes: torch.Tensor, targets: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Elementwise ``-log IoU`` of aligned boxes (x0, y0, x1, y1), IoU clamped at ``eps`` (mmdet's IoULoss)."""
+    top_left = torch.maximum(boxes[:, :2], targets[:, :2])
+    bottom_right = torch.minimum(boxes[:, 2:], targets[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
+    target_area = (targets[:, 2:] - targets[:, :2]).clamp(min=0).prod(dim=1)
+    iou = inter / (area + target_area - inter).clamp(min=eps)
+    return -iou.clamp(min=eps).log()
 
 
 def rescale_like(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -77,26 +99,26 @@ class CrossKDLoss(nn.Module):
 
     def __init__(self, student_channels: int, teacher_channels: int, family: str = "fcos", *,
                  cls_weight: float | None = None, reg_weight: float | None = None,
-                 centerness_weight: float | None = None, reuse_from: int | None = None, beta: float = 1.0):
+                 centerness_weight: float | None = None, reuse_from: int | None = None, box_loss: str | None = None,
+                 beta: float = 1.0):
         super().__init__()
         if family not in DENSE_FAMILIES:
             raise ValueError(f"crosskd needs a dense head ({', '.join(DENSE_FAMILIES)}), not {family!r}")
+        published = DEFAULTS[family].values
         given = {"cls_weight": cls_weight, "reg_weight": reg_weight, "centerness_weight": centerness_weight}
         for name, value in given.items():
-            setattr(self, name, PAPER[family][name] if value is None else value)
+            setattr(self, name, published[name] if value is None else value)
             check_weight(name, getattr(self, name))
-        self.reuse_from = PAPER[family]["reuse_from"] if reuse_from is None else reuse_from
+        self.reuse_from = published["reuse_from"] if reuse_from is None else reuse_from
         if not (isinstance(self.reuse_from, int) and self.reuse_from >= 1):
             raise ValueError(f"reuse_from must be a tower block number >= 1, but got {reuse_from!r}")
+        self.box_loss = published["box_loss"] if box_loss is None else box_loss
+        if self.box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {', '.join(BOX_LOSSES)}, but got {box_loss!r}")
         check_weight("beta", beta)
         self.family, self.beta = family, beta
         self.align_cls = aligner(student_channels, teacher_channels)
         self.align_reg = aligner(student_channels, teacher_channels)
-
-    @staticmethod
-    def paper_defaults(family: str) -> dict:
-        """The values an unset parameter takes for a ``family`` head (fcos, retinanet)."""
-        return dict(PAPER[family])
 
     @property
     def tower_layer(self) -> int:
@@ -133,8 +155,11 @@ class CrossKDLoss(nn.Module):
         teacher_boxes = decode_boxes(inputs.teacher_head.detector, teacher.outputs["bbox_regression"].float(), anchors)
         sizes = teacher_boxes[..., 2:] - teacher_boxes[..., :2]
         box_weight = box_weight * (sizes > 0).all(-1)  # a degenerate teacher box (FCOS ReLU at 0) has no shape to mimic
-        giou = generalized_box_iou_loss(cross_boxes.reshape(-1, 4), teacher_boxes.reshape(-1, 4), reduction="none")
-        terms["crosskd_reg"] = self.reg_weight * (giou * box_weight.reshape(-1)).sum() / normaliser
+        if self.box_loss == "giou":
+            box = generalized_box_iou_loss(cross_boxes.reshape(-1, 4), teacher_boxes.reshape(-1, 4), reduction="none")
+        else:
+            box = log_iou_loss(cross_boxes.reshape(-1, 4), teacher_boxes.reshape(-1, 4))
+        terms["crosskd_reg"] = self.reg_weight * (box * box_weight.reshape(-1)).sum() / normaliser
         if self.family == "fcos" and self.centerness_weight > 0:
             centerness = binary_kl(cross["bbox_ctrness"].float(), teacher.outputs["bbox_ctrness"].float())
             terms["crosskd_centerness"] = self.centerness_weight * (centerness.squeeze(-1) * box_weight).sum() / normaliser
@@ -151,6 +176,6 @@ def check_detectors(student_arch: str, teacher_arch: str, teacher_tower: int, re
     if head_family(teacher_arch) != family:
         raise ValueError(f"crosskd feeds the student's head features into the teacher's head: the teacher must be "
                          f"{family} too, not {teacher_arch}")
-    block = PAPER[family]["reuse_from"] if reuse_from is None else reuse_from
+    block = DEFAULTS[family].values["reuse_from"] if reuse_from is None else reuse_from
     if isinstance(block, int) and block > teacher_tower:
         raise ValueError(f"reuse_from {block} is past the teacher's {teacher_tower} tower blocks")

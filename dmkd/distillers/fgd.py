@@ -8,7 +8,9 @@ loss = alpha * L_fg + beta * L_bg + gamma * L_attention + lambda_fgd * L_global,
 - L_attention: L1 between the teacher's and the student's spatial and channel attention;
 - L_global: squared error of GcBlock-style context relations of both features.
 Boxes map to feature cells through the padded input size (FGD's code uses the unpadded image size).
-RetinaNet setting: temperature 0.5, alpha 1e-3, beta 5e-4, gamma 5e-4, lambda 5e-6.
+Published settings per detector family: ``DEFAULTS`` (the constructor's defaults are RetinaNet's). FGD's
+configs also start the student's neck and head from the teacher's (``init_student``), which a pair of
+different widths cannot do: its weights assume a student whose features start close to the teacher's.
 """
 from __future__ import annotations
 
@@ -16,7 +18,17 @@ import torch
 from torch import nn
 
 from dmkd.distillers.attention import channel_attention, spatial_attention
-from dmkd.distillers.base import DistillContext, aligner, check_temperature, check_weight
+from dmkd.distillers.base import DistillContext, Published, aligner, check_temperature, check_weight
+
+# The authors' configs (yzd-v/FGD, configs/distillers/fgd/).
+DEFAULTS = {
+    "retinanet": Published("FGD fgd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py",
+                           {"temperature": 0.5, "alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lambda_fgd": 5e-6}),
+    "fcos": Published("FGD fgd_fcos_r101_distill_fcos_r50_2x_coco.py",
+                      {"temperature": 0.8, "alpha": 1.6e-3, "beta": 8e-4, "gamma": 8e-4, "lambda_fgd": 8e-6}),
+    "two_stage": Published("FGD fgd_cascade_mask_rcnn_rx101_32x4d_distill_faster_rcnn_r50_fpn_2x_coco.py",
+                           {"temperature": 0.5, "alpha": 5e-5, "beta": 2.5e-5, "gamma": 5e-5, "lambda_fgd": 5e-7}),
+}
 
 # What a tuning run searches (`orchestrator.ablate --tune`): each weight from 1/1000 of its RetinaNet
 # value ("almost off") to 10x it; the temperature around FGD's 0.5 (RetinaNet) and 0.8 (FCOS).

@@ -1,12 +1,23 @@
 """MGD, Masked Generative Distillation (Yang et al., ECCV 2022): a random spatial mask with ratio
 ``lambda_mgd`` (shared across channels, redrawn each step), one generation block, squared error to the
-teacher feature. RetinaNet setting: alpha 2e-5, lambda 0.65."""
+teacher feature. Published settings per detector family: ``DEFAULTS``."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dmkd.distillers.base import DistillContext, aligner, check_weight, generation_block
+from dmkd.distillers.base import DistillContext, Published, aligner, check_weight, generation_block
+
+# The authors' configs (yzd-v/MGD, det/configs/distillers/mgd/). MGD published no FCOS config: an FCOS
+# student takes the one-stage value its RetinaNet and RepPoints configs share.
+DEFAULTS = {
+    "retinanet": Published("MGD retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py",
+                           {"alpha": 2e-5, "lambda_mgd": 0.65}),
+    "fcos": Published("MGD's one-stage value (retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py; no FCOS config)",
+                      {"alpha": 2e-5, "lambda_mgd": 0.65}),
+    "two_stage": Published("MGD cascade_mask_rcnn_rx101_32x4d_distill_faster_rcnn_r50_fpn_2x_coco.py",
+                           {"alpha": 5e-7, "lambda_mgd": 0.45}),
+}
 
 # What a tuning run searches (`orchestrator.ablate --tune`): alpha from "almost off" to 5x the default.
 SEARCH = {"alpha": {"type": "loguniform", "low": 1e-8, "high": 1e-4},
