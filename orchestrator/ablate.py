@@ -7,8 +7,12 @@ undistilled student (the reference row, trained once per seed and cached).
     python -m orchestrator.ablate --seeds 3 --from-sweep experiments/default
 
 With ``--tune N`` (or a ``tune:`` block in the grid) every row with searchable parameters first gets
-the same Optuna search over its method's own parameters (N trials, the same epochs, the published
-default first, selected on the validation split); the seeds then run at each row's best.
+its own Optuna search over its method's own parameters (N trials, the same epochs, its detector
+family's published setting first, selected on the validation split); the seeds then run at each row's
+best. Tuning trains at its own seed (the grid's seed + 1000 unless ``tune.seed`` says otherwise), which
+is never one of the reported seeds, and never evaluates the test split: a reported figure is never the
+run that won the selection. Each row's sampler has its own seed (from the grid's seed and the row's
+name), so rows do not share their random points.
 
 Re-running with the same --name continues an interrupted ablation. The report
 (``python -m orchestrator.report``) is written at the end.
@@ -19,30 +23,42 @@ import argparse
 import dataclasses
 import json
 import sys
+import zlib
 from pathlib import Path
 
 from dmkd.config import from_dict
-from dmkd.distillers import check_method, method_parameters, search_space
+from dmkd.distillers import check_method, detector_family, method_parameters, published, search_space
 from dmkd.errors import UserError, run_command
 from dmkd.io import atomic_write_json, read_json
 from dmkd.provenance import provenance
 from dmkd.cli import parse_assignment
 from orchestrator.rows import REFERENCE_ROW, Row, TrialSetup, rows_record
-from orchestrator.space import (DEFAULT_SPACE, SCHEDULERS, TRAIN_KEYS, Objective, Param, check_pair, check_values,
-                                describe, load_space, paper_default_point, read_yaml)
+from orchestrator.space import (DEFAULT_SPACE, SCHEDULERS, TRAIN_KEYS, Objective, Param, Searcher, check_pair,
+                                check_values, describe, load_space, paper_default_point, read_yaml)
 from orchestrator.sweep import WANDB_MODES, check_name, resolve_storage, resolve_wandb_mode
 
 DEFAULT_GRID = DEFAULT_SPACE.parent / "ablation.yaml"
 
 
+TUNING_SEED_OFFSET = 1000  # the default tuning seed is the grid's seed + this: far from the reported ones
+DEFAULT_SEEDS = 5
+
+
 @dataclasses.dataclass(frozen=True)
 class TuneBlock:
-    """The grid's ``tune:`` block: every row with searchable parameters gets the same Optuna search
+    """The grid's ``tune:`` block: every row with searchable parameters gets its own Optuna search
     (``trials`` trials of ``epochs`` epochs, selected on the validation split) before its seeds run."""
 
     trials: int = 0  # 0: no tuning, the rows' parameters as written
     epochs: int | None = None  # default: the base space's budget.epochs
     scheduler: str = "none"  # none: every tuning trial runs all its epochs; asha: stops weak ones
+    trials_per_param: int | None = None  # a row with k searched parameters gets max(trials, k x this)
+    startup_trials: int | None = None  # TPE's random start-up per row; default a third of its trials, >= 2
+    seed: int | None = None  # the training seed of every tuning trial; default the grid's seed + 1000
+
+    def trials_for(self, searched: int) -> int:
+        """The tuning budget of a row that searches ``searched`` parameters."""
+        return max(self.trials, (self.trials_per_param or 0) * searched) if self.trials else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +117,9 @@ def _tune_block(data, path: Path, trials: int | None, space) -> TuneBlock:
         block = dataclasses.replace(block, trials=trials)
     if block.trials < 0:
         raise UserError(f"{path}: tune.trials: must be 0 (no tuning) or more, but got {block.trials}")
+    for key in ("trials_per_param", "startup_trials"):
+        if getattr(block, key) is not None and getattr(block, key) < 1:
+            raise UserError(f"{path}: tune.{key}: must be at least 1, but got {getattr(block, key)}")
     if block.epochs is not None and block.epochs < 1:
         raise UserError(f"{path}: tune.epochs: must be at least 1, but got {block.epochs}")
     if block.scheduler not in SCHEDULERS:
@@ -108,7 +127,8 @@ def _tune_block(data, path: Path, trials: int | None, space) -> TuneBlock:
     epochs = block.epochs or space.budget.epochs
     if block.scheduler == "asha" and epochs <= space.scheduler.grace_period:
         raise UserError(f"{path}: tune.scheduler: asha needs more than {space.scheduler.grace_period} epochs, but tune.epochs is {epochs}")
-    return dataclasses.replace(block, epochs=epochs)
+    seed = block.seed if block.seed is not None else space.seed + TUNING_SEED_OFFSET
+    return dataclasses.replace(block, epochs=epochs, seed=seed)
 
 
 def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_sweep: str | None = None,
@@ -137,32 +157,42 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
         space = dataclasses.replace(space, fixed=fixed)
     rows = _rows(data, space, path)
     tune = _tune_block(data.get("tune"), path, tune_trials, space)
-    count = seeds if seeds is not None else data.get("seeds", 3)
+    count = seeds if seeds is not None else data.get("seeds", DEFAULT_SEEDS)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise UserError(f"{path}: seeds: must be a positive integer, but got {count!r}")
+    reported = [space.seed + i for i in range(count)]
+    if tune.trials and tune.seed in reported:
+        raise UserError(f"{path}: tune.seed: {tune.seed} is one of the reported seeds {reported[0]}..{reported[-1]}; "
+                        f"a tuning run must not be reported (its selection would bias the table): choose another")
     needs_teacher = any(row.method != "none" for row in rows.values())
     if needs_teacher and not (space.pair.teacher_checkpoint or space.pair.train_teacher):
         raise UserError(f"{base}: pair.teacher_checkpoint: set a checkpoint path, or train_teacher: true")
     if needs_teacher and space.method == "none":  # load_space checked the pair already for a distilling base
         check_pair(space, base)
-    return Grid(name=str(data.get("name", "ablation")), space=space, rows=rows,
-                seeds=[space.seed + i for i in range(count)], tune=tune)
+    return Grid(name=str(data.get("name", "ablation")), space=space, rows=rows, seeds=reported, tune=tune)
+
+
+def sampler_seed(grid_seed: int, row_name: str) -> int:
+    """A row's own sampler seed: rows of one grid draw different random points, reproducibly."""
+    return zlib.crc32(f"{grid_seed}:{row_name}".encode())
 
 
 def row_space(grid: Grid, row: Row):
     """The sweep that tunes one row: the method's declared search space (``SEARCH_SPACES``), the row's
-    own parameters as fixed values and first point, the grid's tuning budget, selected on val/AP."""
+    own parameters as fixed values and first point, the grid's tuning budget and tuning seed, selected
+    on val/AP."""
     space = grid.space
     search = {name: from_dict(Param, spec, where=f"search.{name}") for name, spec in search_space(row.method).items()}
     return dataclasses.replace(
-        space, method=row.method, fixed={**space.fixed, **row.params}, search=search,
-        num_samples=grid.tune.trials, budget=dataclasses.replace(space.budget, epochs=grid.tune.epochs),
-        scheduler=dataclasses.replace(space.scheduler, type=grid.tune.scheduler), objective=Objective())
+        space, method=row.method, fixed={**space.fixed, **row.params}, search=search, seed=grid.tune.seed,
+        num_samples=grid.tune.trials_for(len(search)), budget=dataclasses.replace(space.budget, epochs=grid.tune.epochs),
+        scheduler=dataclasses.replace(space.scheduler, type=grid.tune.scheduler), objective=Objective(),
+        searcher=Searcher(grid.tune.startup_trials))
 
 
 def tune_rows(grid: Grid, setup: TrialSetup, *, storage: str, name: str, wandb_mode: str) -> tuple[dict, dict]:
-    """Tune every row with searchable parameters, one Optuna study each with the same budget; returns
-    the rows with their chosen parameters, and what each tuning run searched, ran and chose."""
+    """Tune every row with searchable parameters, one Optuna study each; returns the rows with their
+    chosen parameters, and what each tuning run searched, ran, cost and chose."""
     from orchestrator.results import trial_rows, write_results
     from orchestrator.runner import build_tuner, check_finished
 
@@ -176,11 +206,12 @@ def tune_rows(grid: Grid, setup: TrialSetup, *, storage: str, name: str, wandb_m
             rows[row_name], tuning[row_name] = row, {"trials": 0, "epochs": 0, "searched": {}, "chosen": {}, "note": note}
             continue
         space = row_space(grid, row)
-        print(f"tune: {row_name} ({row.method}): {space.num_samples} trials x {space.budget.epochs} epochs, "
-              f"searching {', '.join(space.search)}", flush=True)
+        seed = sampler_seed(grid.space.seed, row_name)
+        print(f"tune: {row_name} ({row.method}): {space.num_samples} trials x {space.budget.epochs} epochs at seed "
+              f"{space.seed}, searching {', '.join(space.search)} (TPE, {space.startup_trials} random start-up)", flush=True)
         row_setup = setup.stored_in(f"{folder}/{row_name}/train")
         result_grid = build_tuner(space, row_name, folder, row_setup, wandb_mode, job_type="tune",
-                                  reference_file=Path(storage) / name / "reference.json").fit()
+                                  reference_file=Path(storage) / name / "reference.json", sampler_seed=seed).fit()
         check_finished(result_grid, f"tuning of row {row_name}")
         results = trial_rows(result_grid, space)
         best = write_results(results, Path(folder) / row_name, space)
@@ -188,10 +219,40 @@ def tune_rows(grid: Grid, setup: TrialSetup, *, storage: str, name: str, wandb_m
         rows[row_name] = dataclasses.replace(row, params={**row.params, **chosen})
         tuning[row_name] = {"trials": len(results), "epochs": space.budget.epochs, "scheduler": space.scheduler.type,
                             "searched": {k: dataclasses.asdict(v) for k, v in space.search.items()},
-                            "first_point": paper_default_point(space), "chosen": chosen,
-                            "val_AP": best[space.objective.metric] if best else None,
-                            "finished": sum(r["status"] != "failed" for r in results)}
+                            "first_point": paper_default_point(space), "first_point_source": first_point_source(space, row),
+                            "chosen": chosen, "val_AP": best[space.objective.metric] if best else None,
+                            "finished": sum(r["status"] != "failed" for r in results), "seed": space.seed,
+                            "sampler_seed": seed, "startup_trials": space.startup_trials,
+                            **tuning_record(Path(folder) / row_name, row_name, space)}
     return rows, tuning
+
+
+def first_point_source(space, row: Row) -> str:
+    """Where a tuning run's first point comes from: the row's own values, the published configs it cites,
+    or this project's defaults."""
+    family = detector_family(space.pair.student.arch)
+    sources = [setting.source for setting in published(space.method, family).values()]
+    source = "; ".join(sources) if sources else f"this project's default (no published setting for {family})"
+    own = [name for name in space.search if name in row.params]
+    return f"the row's own {', '.join(own)}; the rest: {source}" if own else source
+
+
+def tuning_record(folder: Path, study_name: str, space) -> dict:
+    """What a row's tuning study says of itself: where its points came from, the compute it cost, and the
+    distillation loss against the detector's at step 0 (its first point, and the lowest of its trials)."""
+    import optuna
+
+    from orchestrator.report import origin_counts, read_trials, tuning_compute
+
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    trials = read_trials(folder)
+    first = paper_default_point(space)
+    ratios = {json.dumps(t["config"], sort_keys=True): t["history"][0].get("loss_ratio/step0")
+              for t in trials if t["history"]}
+    known = [r for r in ratios.values() if r is not None]
+    return {"origins": origin_counts(study.trials), "compute": tuning_compute(trials, space.resources),
+            "first_point_ratio_step0": ratios.get(json.dumps(first, sort_keys=True)),
+            "lowest_ratio_step0": min(known) if known else None}
 
 
 def ablation_tuner(grid: Grid, distilled: dict[str, Row], setup: TrialSetup, *, name: str, storage: str, wandb_mode: str):
@@ -269,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         name = check_name(args.name or grid.name)
         storage = resolve_storage(args.storage)
         wandb_mode = resolve_wandb_mode(args.wandb)
-        tuned = [row for row in grid.rows.values() if grid.tune.trials and search_space(row.method) and row.tune]
+        tuned = {row_name: grid.tune.trials_for(len(search_space(row.method))) for row_name, row in grid.rows.items()
+                 if grid.tune.trials and search_space(row.method) and row.tune}
         plan = {"name": name, "experiment": f"{storage.rstrip('/')}/{name}", "pair": grid.space.pair_name,
                 "rows": rows_record(grid.rows), "seeds": grid.seeds, "trials": len(grid.rows) * len(grid.seeds),
                 "epochs_per_trial": grid.space.budget.epochs, "tune": dataclasses.asdict(grid.tune),
-                "tuning_trials": len(tuned) * grid.tune.trials, "wandb": wandb_mode}
+                "tuning_trials": tuned, "tuning_seed": grid.tune.seed if tuned else None, "wandb": wandb_mode}
         if args.dry_run:
             print(json.dumps(plan, indent=2))
             return 0

@@ -28,9 +28,12 @@ from dmkd.errors import UserError, one_line  # noqa: E402
 from dmkd.io import atomic_write, atomic_write_json, read_json  # noqa: E402
 from orchestrator.fidelity import common_epoch, importances_at, rung_validity, value_at  # noqa: E402
 from orchestrator.results import trial_status  # noqa: E402
+from orchestrator.space import default_startup_trials  # noqa: E402
 
 FIGURES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-SIGNIFICANCE = 0.05  # a paired difference with p >= this is marked "n.s."
+SIGNIFICANCE = 0.05  # a paired difference whose Holm-adjusted p is >= this is marked "n.s."
+ORIGINS = ("given", "random", "tpe")  # where a study's trial came from (orchestrator.searcher)
+FAR_FROM_CALIBRATED = 10.0  # a first point whose step-0 distillation loss is this many detector losses or more
 
 
 def summarize(values: list[float]) -> dict:
@@ -49,22 +52,76 @@ def summarize(values: list[float]) -> dict:
 
 def paired_difference(values: dict, baseline: dict) -> dict:
     """``values - baseline`` paired by seed (the seeds both have): the mean difference, its 95 % CI
-    half-width and the two-sided p-value of the paired t-test (Student t, n - 1 degrees of freedom)."""
+    half-width and the two-sided p-value of the paired t-test (Student t, n - 1 degrees of freedom).
+
+    When every seed moved by exactly the same amount the t statistic is undefined: the p-value is then
+    the exact sign-flip test's (each of the 2^n sign patterns equally likely under no difference; only
+    the two of equal signs are as extreme), ``test`` says so, and the CI is left out."""
     from scipy import stats
 
     seeds = sorted(set(values) & set(baseline))
     differences = [values[seed] - baseline[seed] for seed in seeds]
-    found = {**summarize(differences), "seeds": seeds, "p": None, "significant": None}
+    found = {**summarize(differences), "seeds": seeds, "p": None, "p_holm": None, "significant": None,
+             "test": "paired t"}
     n = found["n"]
     if n < 2:
         return found
-    if found["std"] == 0:  # every seed moved by exactly the same amount
-        found["p"] = 0.0 if found["mean"] != 0 else 1.0
+    if found["std"] == 0:
+        found.update(p=1.0 if found["mean"] == 0 else 2.0 ** (1 - n), ci95=None, test="exact sign-flip (identical differences)")
     else:
         t = found["mean"] / (found["std"] / math.sqrt(n))
         found["p"] = float(2 * stats.t.sf(abs(t), n - 1))
     found["significant"] = found["p"] < SIGNIFICANCE
     return found
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (one family of tests): the k-th smallest is multiplied
+    by (m - k + 1), kept monotone, capped at 1. It controls the chance of any false claim in the family."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def correct_family(comparisons: list[dict]) -> None:
+    """Holm over every comparison given that has a p-value: each gets ``p_holm``, and ``significant``
+    is decided by it."""
+    tested = [c for c in comparisons if c is not None and c.get("p") is not None]
+    for comparison, adjusted in zip(tested, holm([c["p"] for c in tested])):
+        comparison["p_holm"] = adjusted
+        comparison["significant"] = adjusted < SIGNIFICANCE
+        comparison["family"] = len(tested)
+
+
+def origin_counts(trials) -> dict[str, int]:
+    """How many of a study's trials (Optuna ``FrozenTrial``s) came from each origin (``ORIGINS``)."""
+    counts = {origin: 0 for origin in ORIGINS}
+    for trial in trials:
+        origin = trial.user_attrs.get("origin", "unknown")
+        counts[origin] = counts.get(origin, 0) + 1
+    return counts
+
+
+def search_label(counts: dict[str, int], startup: int | None) -> str:
+    """What a study really was: TPE only if its model proposed at least one trial."""
+    given = f", {counts['given']} given" if counts.get("given") else ""
+    if counts.get("tpe"):
+        return f"TPE: {counts['tpe']} from its model, {counts.get('random', 0)} random start-up{given}"
+    return f"random search (TPE start-up{f' of {startup}' if startup else ''}): {counts.get('random', 0)} random{given}"
+
+
+def tuning_compute(trials: list[dict], resources) -> dict:
+    """What a set of trials cost: epochs run, training + evaluation seconds, CPU seconds (every process of
+    the trial), and GPU seconds (wall seconds x the trial's GPUs) when it used GPUs."""
+    epochs = [e for t in trials for e in t["history"] if isinstance(e.get("epoch"), int)]
+    wall = sum(e.get("time/train_s", 0.0) + e.get("time/eval_s", 0.0) for e in epochs)
+    gpus = resources.num_workers * resources.gpus_per_worker if resources.use_gpu else 0
+    return {"trial_epochs": len(epochs), "train_eval_s": wall, "cpu_s": sum(e.get("time/cpu_s", 0.0) for e in epochs),
+            "gpu_s": wall * gpus}
 
 
 def read_trials(experiment: Path) -> list[dict]:
@@ -129,11 +186,14 @@ def ablation_table(trials: list[dict], rows: dict, budget: int, tuning: dict | N
         finals = {t["config"].get("seed"): _final(t["history"], budget) for t in members if t["error"] is None}
         finals = {seed: final for seed, final in finals.items() if final is not None}
         failed = [t for t in members if t["error"] is not None]
+        firsts = [t["history"][0] for t in members if t["error"] is None and t["history"]]
         entry = {"row": row_name, "method": row["method"], "params": row.get("params", {}), "split": split,
                  "seeds": sorted(finals), "failed": len(failed), "tuning": (tuning or {}).get(row_name),
                  "failures": [f"seed {t['config'].get('seed')}: {t['error']}" for t in failed],
                  "per_seed": {seed: final.get(f"{split}/AP") for seed, final in sorted(finals.items())},
                  "val_AP": summarize([f["val/AP"] for f in finals.values() if "val/AP" in f]),
+                 "loss_ratio_step0": summarize([f["loss_ratio/step0"] for f in firsts if "loss_ratio/step0" in f]),
+                 "loss_ratio_epoch1": summarize([f["loss_ratio"] for f in firsts if "loss_ratio" in f]),
                  "student_init": sorted({f.get("pairing/student_init") for f in finals.values()} - {None})}
         for name in FIGURES:
             entry[name] = summarize([f[f"{split}/{name}"] for f in finals.values() if f"{split}/{name}" in f])
@@ -148,7 +208,15 @@ def ablation_table(trials: list[dict], rows: dict, budget: int, tuning: dict | N
         entry["delta_best_baseline"] = (paired_difference(entry["per_seed"], best_baseline["per_seed"])
                                         if best_baseline is not None and entry["method"] != "none" and entry is not best_baseline
                                         else None)
+    # one family: every comparison this table prints
+    correct_family([c for e in table for c in (e["delta_AP"], e["delta_best_baseline"])])
     return table
+
+
+def best_distilled(table: list[dict]) -> dict | None:
+    """The distilled row a reader would pick: the highest mean val AP (selection never looks at test)."""
+    rows = [e for e in table if e["method"] != "none" and e["val_AP"]["mean"] is not None]
+    return max(rows, key=lambda e: e["val_AP"]["mean"], default=None)
 
 
 def pairing_check(trials: list[dict]) -> str:
@@ -359,13 +427,17 @@ def _ablation_section(experiment: Path, record: dict, trials: list, teacher, rep
     report["pairing"] = pairing_check(trials)
     split = reporting_split(trials)
     reference = next((e for e in table if e["method"] == "none"), None)
-    distilled = [e["AP"]["mean"] for e in table if e["method"] != "none" and e["AP"]["mean"] is not None]
-    lines = ablation_markdown(table, teacher, split, report["pairing"], record.get("tuning") or {})
+    chosen = best_distilled(table)
+    report["best_distilled"] = chosen["row"] if chosen else None
+    report["seeds"] = record.get("seeds")
+    report["tuning_seed"] = (record.get("plan") or {}).get("tuning_seed")
+    lines = ablation_markdown(table, teacher, split, report["pairing"], record.get("tuning") or {},
+                              seeds=report["seeds"], tuning_seed=report["tuning_seed"])
     groups = {e["row"]: [t["history"] for t in trials if t["config"].get("row") == e["row"] and t["error"] is None]
               for e in table}
     _plot_epochs(groups, out / "ap_per_epoch.png")
     return (lines, ["ap_per_epoch.png"], reference["AP"]["mean"] if reference else None,
-            max(distilled) if distilled else None, split)
+            chosen["AP"]["mean"] if chosen else None, split)
 
 
 def _sweep_section(experiment: Path, record: dict, trials: list, teacher, report: dict, out: Path):
@@ -376,7 +448,9 @@ def _sweep_section(experiment: Path, record: dict, trials: list, teacher, report
     rows, baseline = _sweep_rows(experiment, trials, space)
     report["leaderboard"] = rows
     report["reference_AP"] = baseline
-    lines = ["## Leaderboard (val split)", "",
+    search = sweep_search(experiment, space)
+    report["search"] = search
+    lines = ["## Leaderboard (val split)", "", f"Search: {search['label']}.", "",
              f"Student without distillation (same budget and seed): val AP {_num(baseline)}; Δ AP is each trial's "
              f"difference to it at the full budget (one seed: no confidence interval; the ablation runner gives paired "
              f"statistics). AP is measured at the epoch given; trials stopped early have no Δ.", "",
@@ -407,6 +481,22 @@ def _sweep_section(experiment: Path, record: dict, trials: list, teacher, report
                                               (objective["mode"], objective["second_mode"]), out / "pareto.png")
         plots.append("pareto.png")
     return lines, plots, baseline, rows[0]["AP"] if rows else None, "val"
+
+
+def sweep_search(experiment: Path, space: dict) -> dict:
+    """How the sweep's study searched: counts of its trials by origin and what that makes it."""
+    import optuna
+
+    startup = (space.get("searcher") or {}).get("startup_trials") or default_startup_trials(space["num_samples"])
+    path = experiment / "optuna.db"
+    counts = {}
+    if path.is_file():
+        try:
+            counts = origin_counts(optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{path}").trials)
+        except KeyError:  # a study of another name: the experiment folder was renamed
+            counts = {}
+    label = search_label(counts, startup) if counts else f"not recorded (TPE with {startup} random start-up trials)"
+    return {"origins": counts, "startup_trials": startup, "label": label}
 
 
 def _sweep_rows(experiment: Path, trials: list, space: dict) -> tuple[list[dict], float | None]:
@@ -453,18 +543,27 @@ def _pair_lines(pair: dict, split: str, baseline, best_distilled) -> list[str]:
             f"{pair['teacher']['latency_ms_cpu']:.1f} | {_num(pair['teacher']['AP'])} |",
             f"| student, no distillation | {pair['student']['params_M']:.2f} | {pair['student']['gflops']:.2f} | "
             f"{pair['student']['latency_ms_cpu']:.1f} | {_num(baseline)} |",
-            f"| student, best distilled | | | | {_num(best_distilled)} |", "",
+            f"| student, best distilled (chosen on val) | | | | {_num(best_distilled)} |", "",
             f"Latency measured on {pair['machine']}, {latency['threads']} torch threads, while the report was "
             f"written (the fastest run is the least disturbed by other work on the machine)."]
 
 
 def _delta(found: dict | None) -> str:
-    """``+0.012 ± 0.008, p=0.03`` (paired over seeds; 95 % CI half-width); ``n.s.`` when p >= 0.05."""
+    """``+0.012 ± 0.008 (n=5), p=0.03, Holm 0.09 n.s.``: paired over n seeds with the 95 % CI
+    half-width; "n.s." when the Holm-adjusted p is >= 0.05."""
     if not found or found["mean"] is None:
         return "-"
     text = f"{found['mean']:+.3f}"
     if found["ci95"] is not None:
-        text += f" ± {found['ci95']:.3f}, p={found['p']:.2g}" + ("" if found["significant"] else " (n.s.)")
+        text += f" ± {found['ci95']:.3f}"
+    text += f" (n={found['n']})"
+    if found["p"] is not None:
+        text += f", p={found['p']:.2g}"
+        if found.get("p_holm") is not None:
+            text += f", Holm {found['p_holm']:.2g}"
+        if found.get("test", "paired t") != "paired t":
+            text += f" [{found['test']}]"
+        text += "" if found["significant"] else " n.s."
     return text
 
 
@@ -480,48 +579,93 @@ def _tuning_cell(tuning: dict | None) -> str:
     return f"{tuning['trials']} trials x {tuning['epochs']} ep"
 
 
-def ablation_markdown(table: list[dict], teacher: dict | None, split: str, pairing: str, tuning: dict) -> list[str]:
-    """The paper-style table: figures on the reporting split, paired Δ AP with CI and p-value."""
-    seeds = max((e["AP"]["n"] for e in table), default=0)
+def _seed_range(seeds: list[int] | None) -> str:
+    if not seeds:
+        return "-"
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2 else \
+        ", ".join(str(seed) for seed in seeds)
+
+
+def _ratio(value) -> str:
+    return f"{value:.3g}x" if isinstance(value, (int, float)) else "-"
+
+
+def ablation_markdown(table: list[dict], teacher: dict | None, split: str, pairing: str, tuning: dict, *,
+                      seeds: list[int] | None = None, tuning_seed: int | None = None) -> list[str]:
+    """The paper-style table: figures on the reporting split, paired Δ AP with CI, raw and Holm-adjusted p."""
     best = next((e["best_baseline"] for e in table if e.get("best_baseline")), None)
+    family = next((c["family"] for e in table for c in (e["delta_AP"], e["delta_best_baseline"])
+                   if c and c.get("family")), 0)
     lines = [f"## Results on the {split} split (mean ± std over seeds)", ""]
     if split == "val":
         lines += ["Note: this data has no test split, so tuning selected on the same split this table reports "
                   "(optimistic); give `data.test_ann`/`test_images` or carve one with `python -m dmkd.split`.", ""]
     else:
-        lines += ["Selection (tuning, best trial) used the val split only; the figures below are on the held-out "
-                  "test split, with val AP beside them for reference.", ""]
-    lines += [f"Δ AP is the difference to the row named, paired by seed over {seeds} seed(s): mean ± 95 % CI "
-              f"half-width (Student t) and the two-sided p-value of a paired t-test; (n.s.) marks p >= {SIGNIFICANCE}. "
+        lines += ["Selection (tuning, best trial, best baseline) used the val split only; the figures below are on "
+                  "the held-out test split, with val AP beside them for reference.", ""]
+    lines += [f"Reported seeds: {_seed_range(seeds)}." + (f" Tuning trained at seed {tuning_seed}, which is never "
+              f"reported (a reported run is never the one its selection picked), and never evaluated the test split."
+              if tuning_seed is not None else ""), "",
+              f"Δ AP is the difference to the row named, paired by seed over the n seeds both rows have: mean ± 95 % "
+              f"CI half-width (Student t), the two-sided p-value of a paired t-test, and that p-value adjusted by "
+              f"Holm's method over all {family} comparisons this table makes (against `none` and against the best "
+              f"baseline); n.s. marks an adjusted p >= {SIGNIFICANCE}. Not significant means no evidence of a "
+              f"difference at this number of seeds, not evidence of none. "
               f"Best baseline (highest val AP among non-DMKD distillers): {best or '-'}.", "", pairing, "",
               f"| row | method | {split} AP | 95 % CI | Δ AP vs none | Δ AP vs best baseline | val AP | AP50 | AP75 | "
-              f"APs | APm | APl | seeds | tuning | parameters | failed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"APs | APm | APl | seeds | distill/detector loss, step 0 | tuning | parameters | failed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if teacher:
         prefix = split if f"{split}/AP" in teacher else "val"
         lines.append(f"| teacher | - | {_num(teacher.get(f'{prefix}/AP'))} | - | - | - | {_num(teacher.get('val/AP'))} | "
-                     + " | ".join(_num(teacher.get(f"{prefix}/{f}")) for f in FIGURES[1:]) + " | - | - | - | - |")
+                     + " | ".join(_num(teacher.get(f"{prefix}/{f}")) for f in FIGURES[1:]) + " | - | - | - | - | - |")
     for e in table:
         ci = f"± {e['AP']['ci95']:.3f}" if e["AP"]["ci95"] is not None else "-"
         lines.append(f"| {e['row']} | {e['method']} | {_fmt(e['AP'])} | {ci} | {_delta(e['delta_AP'])} | "
                      f"{_delta(e['delta_best_baseline'])} | {_fmt(e['val_AP'])} | "
                      + " | ".join(_fmt(e[f]) for f in FIGURES[1:])
-                     + f" | {e['AP']['n']} | {_tuning_cell(tuning.get(e['row']))} | {_params(e['params'])} | {e['failed']} |")
+                     + f" | {e['AP']['n']} | {_ratio(e['loss_ratio_step0']['mean'])} | "
+                     f"{_tuning_cell(tuning.get(e['row']))} | {_params(e['params'])} | {e['failed']} |")
     failures = [f"- {e['row']}, {msg}" for e in table for msg in e["failures"]]
     if failures:
         lines += ["", "Failed trials:", *failures]
-    if tuning:
-        lines += ["", "## Tuning (same budget per row, selected on val AP)", "",
-                  "| row | trials | epochs | scheduler | searched | first point | chosen | val AP of the chosen trial |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for row, found in tuning.items():
-            if not found["trials"]:
-                continue
-            searched = ", ".join(f"{k} {v['type']} [{v['low']:.3g}, {v['high']:.3g}]" if v.get("low") is not None
-                                 else f"{k} {v['choices']}" for k, v in found["searched"].items())
-            lines.append(f"| {row} | {found['trials']} | {found['epochs']} | {found['scheduler']} | {searched} | "
-                         f"{_params(found['first_point'])} | {_params(found['chosen'])} | {_num(found['val_AP'])} |")
-    return lines
+    return lines + tuning_markdown(tuning)
+
+
+def tuning_markdown(tuning: dict) -> list[str]:
+    """Each row's tuning: what it searched and how (TPE, or random search where TPE never left its
+    start-up), what it cost, where its first point comes from, and how large the distillation loss was
+    against the detector's at step 0 (a first point far above 1 is far from a calibrated setting)."""
+    tuned = {row: found for row, found in tuning.items() if found["trials"]}
+    if not tuned:
+        return []
+    lines = ["", "## Tuning (selected on val AP; trials and compute per row)", "",
+             "| row | search | trials | searched parameters | trial-epochs | CPU-s | GPU-s | first point | its source | "
+             "its step-0 loss ratio | lowest step-0 ratio tried | chosen | val AP of the chosen trial |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for row, found in tuned.items():
+        searched = ", ".join(f"{k} {v['type']} [{v['low']:.3g}, {v['high']:.3g}]" if v.get("low") is not None
+                             else f"{k} {v['choices']}" for k, v in found["searched"].items())
+        compute = found.get("compute") or {}
+        label = search_label(found["origins"], found.get("startup_trials")) if found.get("origins") else "-"
+        first_ratio, lowest = found.get("first_point_ratio_step0"), found.get("lowest_ratio_step0")
+        lines.append(f"| {row} | {label} | {found['trials']} x {found['epochs']} ep | {len(found['searched'])}: {searched} | "
+                     f"{compute.get('trial_epochs', '-')} | {_count(compute.get('cpu_s'))} | {_count(compute.get('gpu_s'))} | "
+                     f"{_params(found['first_point'])} | {found.get('first_point_source', '-')} | {_ratio(first_ratio)} | "
+                     f"{_ratio(lowest)} | {_params(found['chosen'])} | {_num(found['val_AP'])} |")
+        if isinstance(first_ratio, (int, float)) and first_ratio >= FAR_FROM_CALIBRATED:
+            notes.append(f"- {row}: its published setting starts with a distillation loss {first_ratio:.3g}x the "
+                         f"detector's on this pair, far from a calibrated setting (about 1x)"
+                         + (f"; the search reached {lowest:.3g}x" if isinstance(lowest, (int, float)) else "") + ".")
+        if isinstance(lowest, (int, float)) and lowest > 1.0:
+            notes.append(f"- {row}: no tuning trial brought the step-0 loss ratio to 1x or below (lowest {lowest:.3g}x): "
+                         f"its search range may not reach a calibrated setting on this pair.")
+    return lines + (["", *notes] if notes else [])
+
+
+def _count(value) -> str:
+    return f"{value:.0f}" if isinstance(value, (int, float)) and value else "-"
 
 
 def _num(value) -> str:
@@ -535,10 +679,12 @@ def _write_csv(path: Path, report: dict) -> None:
     writer = csv.writer(buffer)
     if report["kind"] == "ablation":
         writer.writerow(["row", "method", "split", "n", *[f"{f}_mean" for f in FIGURES], *[f"{f}_std" for f in FIGURES],
-                         "AP_ci95", "val_AP_mean", "delta_AP", "delta_AP_ci95", "delta_AP_p", "delta_best_baseline",
-                         "delta_best_baseline_ci95", "delta_best_baseline_p", "failed"])
+                         "AP_ci95", "val_AP_mean",
+                         *[f"{name}{k}" for name in ("delta_AP", "delta_best_baseline")
+                           for k in ("", "_ci95", "_n", "_p", "_p_holm")], "failed"])
         for e in report["table"]:
-            deltas = [(d or {}).get(k) for d in (e["delta_AP"], e["delta_best_baseline"]) for k in ("mean", "ci95", "p")]
+            deltas = [(d or {}).get(k) for d in (e["delta_AP"], e["delta_best_baseline"])
+                      for k in ("mean", "ci95", "n", "p", "p_holm")]
             writer.writerow([e["row"], e["method"], e["split"], e["AP"]["n"], *[e[f]["mean"] for f in FIGURES],
                              *[e[f]["std"] for f in FIGURES], e["AP"]["ci95"], e["val_AP"]["mean"], *deltas, e["failed"]])
     else:
@@ -563,9 +709,9 @@ def _log_to_wandb(record: dict, report: dict, out: Path, plots: list[str]) -> No
                      settings=wandb.Settings(silent=True))
     try:
         if report["kind"] == "ablation":
-            columns = ["row", "method", "split", "n", "AP", "AP_std", "AP_ci95", "delta_AP", "delta_AP_p"]
+            columns = ["row", "method", "split", "n", "AP", "AP_std", "AP_ci95", "delta_AP", "delta_AP_p", "delta_AP_p_holm"]
             data = [[e["row"], e["method"], e["split"], e["AP"]["n"], e["AP"]["mean"], e["AP"]["std"], e["AP"]["ci95"],
-                     (e["delta_AP"] or {}).get("mean"), (e["delta_AP"] or {}).get("p")] for e in report["table"]]
+                     *[(e["delta_AP"] or {}).get(k) for k in ("mean", "p", "p_holm")]] for e in report["table"]]
         else:
             columns = list(report["leaderboard"][0]) if report["leaderboard"] else ["trial_id"]
             data = [list(r.values()) for r in report["leaderboard"]]

@@ -14,7 +14,8 @@ class Row:
     tune: bool = True
 
 
-REFERENCE_ROW = Row("none", {}, tune=False)  # the undistilled student every row is compared with
+REFERENCE_ROW = Row("none", {}, tune=False)
+HELD_OUT_KEYS = ("test_ann", "test_images")  # the split only the reported runs evaluate  # the undistilled student every row is compared with
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class TrialSetup:
 
     def stored_in(self, train_storage: str) -> "TrialSetup":
         return dataclasses.replace(self, train_storage=train_storage)
+
+    def without_test(self) -> "TrialSetup":
+        """The setup of a trial that selects (a sweep's, a tuning run's): it never sees the test split."""
+        paths = {k: v for k, v in self.data_paths.items() if k not in HELD_OUT_KEYS}
+        return dataclasses.replace(self, data_paths=paths)
 
 
 def rows_record(rows: dict[str, Row]) -> dict[str, dict]:

@@ -15,13 +15,13 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.util.queue import Queue
 
 from dmkd.errors import UserError
-from dmkd.io import atomic_write_json
+from dmkd.io import atomic_write_json, read_json
 from dmkd.provenance import provenance
 from dmkd.synthetic import ensure_mini_benchmark
 from orchestrator.results import leaderboard, trial_rows, write_results
 from orchestrator.rows import TrialSetup
 from orchestrator.searcher import PruningAwareOptunaSearch
-from orchestrator.space import define_by_run, paper_default_point
+from orchestrator.space import define_by_run, describe, paper_default_point
 from orchestrator.trial import ATTENTION_PNG, flat_run_config, run_name, run_trial, trial_dirname, trial_train_config
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
@@ -199,9 +199,11 @@ def start_ray(address: str | None, space, env_vars: dict) -> None:
 
 
 def build_tuner(space, name: str, storage: str, setup: TrialSetup, wandb_mode: str, job_type: str = "sweep",
-                reference_file: Path | None = None):
+                reference_file: Path | None = None, sampler_seed: int | None = None):
     """The Tuner of a sweep (``reference_file``, default the experiment's reference.json, gives the
-    W&B runs their Δ AP)."""
+    W&B runs their Δ AP; ``sampler_seed``, default the space's seed, seeds TPE). Its trials select, so
+    they never evaluate the test split."""
+    setup = setup.without_test()
     experiment = Path(storage) / name if "://" not in storage else None
     trainable = tune.with_parameters(run_trial, space=space, setup=setup)
     path = f"{storage.rstrip('/')}/{name}"
@@ -219,8 +221,8 @@ def build_tuner(space, name: str, storage: str, setup: TrialSetup, wandb_mode: s
     searcher = PruningAwareOptunaSearch(
         space=define_by_run(space), metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=[point] if point else None,
-        sampler=optuna.samplers.TPESampler(seed=space.seed), storage=study_storage, study_name=name,
-        full_epochs=space.budget.epochs)
+        sampler=PruningAwareOptunaSearch.tpe(space.seed if sampler_seed is None else sampler_seed, space.startup_trials),
+        storage=study_storage, study_name=name, full_epochs=space.budget.epochs, startup_trials=space.startup_trials)
     if space.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", metric=objective.metric, mode=objective.mode,
                                   max_t=space.budget.epochs, grace_period=space.scheduler.grace_period,
@@ -264,8 +266,11 @@ def run_sweep(space, *, name: str, storage: str, wandb_mode: str, address: str |
         print(f"\nbest: {best['trial']}  {space.objective.metric}={best[space.objective.metric]:.4f}  {params}")
         print(f"results: {experiment / 'results.csv'}, {experiment / 'best.json'}")
     if "://" not in storage:
-        from orchestrator.report import write_report
+        from orchestrator.report import sweep_search, write_report
 
+        search = sweep_search(experiment, describe(space))
+        atomic_write_json(experiment / "sweep.json", {**read_json(experiment / "sweep.json", "sweep record"), "search": search})
+        print(f"search: {search['label']}")
         print(f"report: {write_report(experiment)}")
     if wandb_mode == "offline":
         print(f"wandb: offline runs under {experiment / 'wandb'}; upload them with `wandb sync {experiment / 'wandb'}/offline-run-*`")

@@ -1,21 +1,51 @@
-"""OptunaSearch that records a trial stopped early by the scheduler as PRUNED, not COMPLETE.
+"""OptunaSearch that records a trial stopped early by the scheduler as PRUNED, not COMPLETE, and where
+each trial's point came from.
 
 Ray's integration tells Optuna COMPLETE with the short-budget value for a trial that ASHA stopped;
 TPE then treats a 1-epoch AP as a finished result and the Optuna dashboard shows it as one. Here such a
 trial is told PRUNED (Optuna keeps its last intermediate value), with the epoch it reached as a user
 attribute.
+
+TPE samples at random until ``n_startup_trials`` trials have finished (COMPLETE or PRUNED): a study that
+never gets past them is random search, whatever the sampler's name. Each trial's user attribute
+``origin`` says which it was: ``given`` (a point to evaluate first, e.g. the published default),
+``random`` (TPE's start-up) or ``tpe`` (proposed by TPE's model).
 """
 from __future__ import annotations
 
+from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
-    def __init__(self, *args, full_epochs: int, **kwargs):
+    def __init__(self, *args, full_epochs: int, startup_trials: int, **kwargs):
         super().__init__(*args, **kwargs)
         self._full_epochs = full_epochs
+        self._startup_trials = startup_trials  # the TPE sampler's n_startup_trials
         self._reported_epochs: dict[str, set[int]] = {}
+
+    def suggest(self, trial_id: str):
+        new = trial_id not in self._ot_trials
+        if new:
+            origin = self._next_origin()
+        params = super().suggest(trial_id)
+        if new and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("origin", origin)
+        return params
+
+    def _next_origin(self) -> str:
+        """The origin of the point ``ask`` gives next: an enqueued point first; then TPE's own rule."""
+        study = self._ot_study
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return "given"
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return "tpe" if len(finished) >= self._startup_trials else "random"
+
+    @staticmethod
+    def tpe(seed: int, startup_trials: int) -> TPESampler:
+        """The sampler every study here uses: seeded, with its random start-up set explicitly."""
+        return TPESampler(seed=seed, n_startup_trials=startup_trials)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Intermediate values by epoch (not by Tune's iteration count, which grows on restarts)."""

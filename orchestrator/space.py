@@ -12,8 +12,7 @@ from typing import Any
 import yaml
 
 from dmkd.config import from_dict, to_dict
-from dmkd.distillers import check_method, check_parameters, method_parameters
-from dmkd.heads import defaults_family
+from dmkd.distillers import check_method, check_parameters, detector_family, method_parameters
 from dmkd.errors import UserError
 from dmkd.evaluate import METRIC_NAMES
 from dmkd.models import DetectorConfig
@@ -81,6 +80,20 @@ class Scheduler:
     reduction_factor: int = 2
 
 
+def default_startup_trials(num_samples: int) -> int:
+    """TPE's random start-up when a space does not set it: a third of the budget, at least 2 (Optuna's
+    own default of 10 would make every sweep shorter than 11 trials random search)."""
+    return max(2, num_samples // 3)
+
+
+@dataclass(frozen=True)
+class Searcher:
+    """TPE's random start-up (``startup_trials``): its first trials are random points; None: a third of
+    the trials, at least 2 (``orchestrator.searcher.default_startup_trials``)."""
+
+    startup_trials: int | None = None
+
+
 @dataclass(frozen=True)
 class Resources:
     num_workers: int = 1
@@ -106,6 +119,7 @@ class SweepSpace:
     objective: Objective = Objective()
     budget: Budget = Budget()
     scheduler: Scheduler = Scheduler()
+    searcher: Searcher = Searcher()
     num_samples: int = 4
     max_concurrent: int = 1
     seed: int = 0
@@ -120,6 +134,12 @@ class SweepSpace:
         def short(d: DetectorConfig) -> str:
             return f"{d.arch}-{d.backbone}-fpn{d.fpn_channels}"
         return f"{short(self.pair.teacher)}->{short(self.pair.student)}"
+
+    @property
+    def startup_trials(self) -> int:
+        """How many trials TPE samples at random before its model proposes (the given first point counts)."""
+        given = self.searcher.startup_trials
+        return given if given is not None else default_startup_trials(self.num_samples)
 
     def routed(self, values: dict) -> tuple[dict, dict]:
         """Split parameter values into (TrainConfig fields, distiller parameters). Values for other
@@ -313,6 +333,8 @@ def _check_run_settings(space: SweepSpace, path: Path) -> None:
         raise _fail(path, "scheduler.reduction_factor", f"must be at least 2, but got {space.scheduler.reduction_factor}")
     if space.max_failures < 0:
         raise _fail(path, "max_failures", f"must be 0 or more, but got {space.max_failures}")
+    if space.searcher.startup_trials is not None and space.searcher.startup_trials < 1:
+        raise _fail(path, "searcher.startup_trials", f"must be at least 1, but got {space.searcher.startup_trials}")
     for key, value in (("resources.cpus_per_worker", space.resources.cpus_per_worker),
                        ("resources.gpus_per_worker", space.resources.gpus_per_worker)):
         if not value > 0:
@@ -401,7 +423,7 @@ def define_by_run(space: SweepSpace) -> DefineByRun:
 def paper_default_point(space: SweepSpace) -> dict:
     """The method's published defaults (its loss's constructor defaults), overridden by the space's
     ``fixed`` values, restricted to the searched parameters and clipped to their ranges."""
-    defaults = {**method_parameters(space.method, defaults_family(space.pair.student.arch)), **space.fixed}
+    defaults = {**method_parameters(space.method, detector_family(space.pair.student.arch)), **space.fixed}
     point = {}
     for name, param in space.search.items():
         if name not in defaults:

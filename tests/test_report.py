@@ -57,9 +57,53 @@ def test_paired_difference_against_hand_computed_values():
     assert paired_difference({0: 0.5}, {0: 0.4})["p"] is None  # one seed: no test
 
 
+def test_holm_adjustment_against_hand_computed_values():
+    from orchestrator.report import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> kept monotone: 0.06 for the last
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # the first README table's four comparisons against none: MGD's 0.047 does not survive the correction
+    assert holm([0.012, 0.047, 0.012, 0.64]) == pytest.approx([0.048, 0.094, 0.048, 0.64])
+    assert holm([0.9, 0.8]) == [1.0, 1.0] and holm([]) == []
+
+
+def test_a_table_corrects_every_comparison_it_makes_and_shows_n():
+    rows = {"none": {"method": "none", "params": {}}, "mgd": {"method": "mgd", "params": {}},
+            "dmkd": {"method": "dmkd", "params": {}}}
+    trials = [_trial(row, seed, ap) for row, aps in (("none", (0.40, 0.42, 0.45)), ("mgd", (0.47, 0.47, 0.55)),
+                                                    ("dmkd", (0.50, 0.49, 0.57))) for seed, ap in enumerate(aps)]
+    table = {e["row"]: e for e in ablation_table(trials, rows, budget=2)}
+    comparisons = [table["mgd"]["delta_AP"], table["dmkd"]["delta_AP"], table["dmkd"]["delta_best_baseline"]]
+    adjusted = holm_of([c["p"] for c in comparisons])
+    for comparison, expected in zip(comparisons, adjusted):
+        assert comparison["p_holm"] == pytest.approx(expected) and comparison["family"] == 3
+        assert comparison["significant"] == (expected < 0.05)
+    assert any(c["p"] < 0.05 <= c["p_holm"] for c in comparisons)  # a raw "significant" the correction removes
+    cell = ablation_markdown(list(table.values()), None, "test", "", {})
+    line = next(l for l in cell if l.startswith("| mgd |"))
+    assert "(n=3)" in line and "Holm" in line
+
+
+def holm_of(p_values):
+    from orchestrator.report import holm
+
+    return holm(p_values)
+
+
+def test_identical_differences_get_the_exact_sign_flip_p_value_not_zero():
+    # every seed moved by exactly +0.125 (exact in binary): 2 of the 2^3 sign patterns are as extreme
+    found = paired_difference({0: 0.5, 1: 0.75, 2: 0.25}, {0: 0.375, 1: 0.625, 2: 0.125})
+    assert found["std"] == 0 and found["p"] == pytest.approx(0.25) and found["significant"] is False
+    assert found["ci95"] is None and found["test"].startswith("exact sign-flip")
+    five = paired_difference({i: 0.5 for i in range(5)}, {i: 0.25 for i in range(5)})
+    assert five["p"] == pytest.approx(1 / 16) and five["significant"] is False  # never "certain" from 5 seeds
+    assert paired_difference({0: 0.5, 1: 0.5}, {0: 0.5, 1: 0.5})["p"] == 1.0
+
+
 def test_default_grid_loads_with_every_method():
     grid = load_grid(seeds=3)
     assert grid.seeds == [0, 1, 2]
+    assert load_grid().seeds == [0, 1, 2, 3, 4]  # the documented tables report 5 seeds
     assert {row.method for row in grid.rows.values()} >= {"none", "fitnet", "mgd", "fgd", "dmkd", "dmkd_spatial",
                                                           "dmkd_channel", "dmkd_fixed"}
     assert grid.space.scheduler.type == "none" and grid.space.budget.epochs == 3
@@ -159,7 +203,20 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     for row in ("mgd", "dmkd"):
         best = json.loads((experiment / "tune" / row / "best.json").read_text())
         assert record["rows"][row]["params"] == {**({"alpha": 3e-6} if row == "dmkd" else {}), **best["params"]}
-        assert record["tuning"][row]["trials"] == 2 and record["tuning"][row]["epochs"] == 1
+        tuning = record["tuning"][row]
+        assert tuning["trials"] == 2 and tuning["epochs"] == 1 and tuning["seed"] == 1000
+        # 2 trials: the given first point and one of TPE's random start-up, so it was random search
+        assert tuning["origins"] == {"given": 1, "random": 1, "tpe": 0} and tuning["startup_trials"] == 2
+        assert tuning["compute"]["trial_epochs"] == 2 and tuning["compute"]["cpu_s"] > 0
+        assert tuning["first_point_ratio_step0"] > 0 and tuning["lowest_ratio_step0"] <= tuning["first_point_ratio_step0"]
+    assert record["tuning"]["mgd"]["sampler_seed"] != record["tuning"]["dmkd"]["sampler_seed"]
+    assert record["plan"]["tuning_seed"] == 1000 and record["seeds"] == [0, 1]
+    # tuning never touched the test split, and its runs are not the reported ones: other weights, other data order
+    tuned = [json.loads(line) for f in (experiment / "tune").glob("*/run_trial_*/result.json")
+             for line in f.read_text().splitlines() if line.strip()]
+    assert len(tuned) == 4 and not any(k.startswith("test/") for line in tuned for k in line)
+    tuning_prints = {(line["pairing/student_init"], line["pairing/data_order"]) for line in tuned}
+    assert len(tuning_prints) == 1
 
     # the seeds ran at each row's chosen parameters, full budget, and evaluated the held-out test split
     stored = _stored(experiment)
@@ -180,6 +237,9 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
         orders = {stored[(row, seed)][0]["pairing/data_order"] for row in ("mgd", "dmkd")}
         assert len(inits) == 1 and len(orders) == 1
     assert stored[("mgd", 0)][0]["pairing/student_init"] != stored[("mgd", 1)][0]["pairing/student_init"]
+    reported_prints = {(lines[0]["pairing/student_init"], lines[0]["pairing/data_order"]) for lines in stored.values()}
+    assert not reported_prints & tuning_prints  # no reported trial is a tuning trial
+    assert all(not lines[0]["pairing/data_order"] == next(iter(tuning_prints))[1] for lines in stored.values())
 
     # the report: test split, paired differences recomputed by hand from the stored records
     report = json.loads((experiment / "report.json").read_text())
@@ -203,6 +263,12 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     markdown = (experiment / "report.md").read_text()
     assert "Results on the test split" in markdown and "Pairing: every row of a seed started from the same" in markdown
     assert "| teacher |" in markdown and "| none | none |" in markdown and "2 trials x 1 ep" in markdown
+    assert "Reported seeds: 0, 1. Tuning trained at seed 1000" in markdown and "random search (TPE start-up of 2)" in markdown
+    assert "Holm" in markdown and "(n=2)" in markdown
+    for row in ("mgd", "dmkd"):  # the distillation loss against the detector's at step 0, from the reported seeds
+        ratios = [stored[(row, seed)][0]["loss_ratio/step0"] for seed in (0, 1)]
+        assert table[row]["loss_ratio_step0"]["mean"] == pytest.approx(statistics.fmean(ratios)) and min(ratios) > 0
+        assert ratios[0] == pytest.approx(stored[(row, 0)][0]["loss/distill_step0"] / stored[(row, 0)][0]["loss/detector_step0"])
     assert (experiment / "ap_per_epoch.png").read_bytes()[:8] == PNG
 
     # another ablation of the same pair and budget (other rows, seed 0 of the two) finds seed 0's reference in

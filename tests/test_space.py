@@ -171,12 +171,35 @@ def test_conditional_parameters_follow_their_condition():
     assert {t.params["mask_mode"] for t in study.trials} == {"topk", "bernoulli"}
 
 
+def test_each_trial_records_whether_tpe_or_its_random_start_up_proposed_it(tmp_path):
+    """The given first point, then TPE's random start-up until 2 trials finished, then TPE's model, whose
+    relative sampling Optuna itself records on the trial (the constant liar shares it)."""
+    from orchestrator.report import origin_counts, search_label
+
+    space = load_space(DEFAULT_SPACE)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = PruningAwareOptunaSearch(space=define_by_run(space), metric="val/AP", mode="max",
+                                        sampler=PruningAwareOptunaSearch.tpe(0, 2), storage=storage, study_name="s",
+                                        full_epochs=3, startup_trials=2, points_to_evaluate=[paper_default_point(space)])
+    for number, trial_id in enumerate("abcd"):
+        searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, {"val/AP": 0.1 * number, "epoch": 3})
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.user_attrs["origin"] for t in trials] == ["given", "random", "tpe", "tpe"]
+    assert trials[0].params == paper_default_point(space)
+    relative = [any(k.startswith("tpe:relative_params") for k in t.system_attrs) for t in trials]
+    assert relative == [False, False, True, True]
+    assert origin_counts(trials) == {"given": 1, "random": 1, "tpe": 2}
+    assert search_label(origin_counts(trials), 2).startswith("TPE: 2 from its model")
+    assert search_label(origin_counts(trials[:2]), 2).startswith("random search (TPE start-up of 2)")
+
+
 def test_a_trial_stopped_early_is_pruned_in_the_study(tmp_path):
     space = load_space(DEFAULT_SPACE)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     searcher = PruningAwareOptunaSearch(space=define_by_run(space), metric="val/AP", mode="max",
                                         sampler=optuna.samplers.TPESampler(seed=0), storage=storage,
-                                        study_name="s", full_epochs=3)
+                                        study_name="s", full_epochs=3, startup_trials=10)
     for trial_id in ("a", "b", "c"):
         assert searcher.suggest(trial_id) is not None
     searcher.on_trial_result("a", {"val/AP": 0.1, "epoch": 1})
