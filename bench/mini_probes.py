@@ -1,7 +1,7 @@
 """Small, named experiments on the mini-benchmark student, for questions a method table cannot answer.
 
 Each variant is the TrainConfig a sweep trial of ``search_spaces/default.yaml`` would get (the space's own
-``train_config``) with a trained teacher, run for each seed through ``dmkd.train.fit`` without Ray, one
+``train_config``) with a trained teacher, run for each seed through ``dmkd.engine.fit`` without Ray, one
 core per run, ``--parallel`` runs at a time (``bench/table_runner.py``'s pool). Finished runs are kept in
 ``--runs`` and skipped on a rerun.
 
@@ -33,11 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from table_runner import _train_entry, finished  # noqa: E402
+
 from dmkd.config import to_dict  # noqa: E402
+from dmkd.metrics import read_metrics  # noqa: E402
 from dmkd.provenance import cpu_name, provenance  # noqa: E402
 from dmkd.synthetic import ensure_mini_benchmark  # noqa: E402
-from orchestrator.space import DEFAULT_SPACE, load_space  # noqa: E402
-from table_runner import _train_entry, finished  # noqa: E402
+from orchestrator.space import DEFAULT_SPACE  # noqa: E402
+from orchestrator.space_file import load_space  # noqa: E402
 
 # probe -> variant name -> (method, values: the method's parameters and training settings)
 PROBES = {
@@ -81,7 +84,7 @@ def table(entries: list[dict], runs: Path) -> list[str]:
              "channel-mask overlap (last epoch, mean over levels) |", "|---|---|---|---|---|---|---|---|"]
     for variant in dict.fromkeys(e["variant"] for e in entries):
         members = [e for e in entries if e["variant"] == variant]
-        found = [json.loads((runs / e["id"] / "metrics.json").read_text()) for e in members]
+        found = [read_metrics(runs / e["id"]) for e in members]
         first = [m["epochs"][0] for m in found]
         last = [m["final"] for m in found]
         overlaps = [statistics.fmean(v for k, v in f.items() if k.endswith("/channel_jaccard")) for f in last

@@ -44,7 +44,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.space import DEFAULT_SPACE, DefineByRun, load_space, paper_default_point  # noqa: E402
+from orchestrator.space import DEFAULT_SPACE, DefineByRun, paper_default_point  # noqa: E402
+from orchestrator.space_file import load_space  # noqa: E402
 
 DEFAULT_TABLE = ROOT / "bench" / "tables" / "default_space.csv"
 DEFAULT_SEEDS_TABLE = ROOT / "bench" / "tables" / "default_space_seeds.csv"

@@ -31,9 +31,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dmkd.metrics import VAL_AP, read_metrics  # noqa: E402
 from dmkd.provenance import cpu_name, provenance  # noqa: E402
-from orchestrator.report import read_trials  # noqa: E402
-from orchestrator.space import DEFAULT_SPACE, load_space  # noqa: E402
+from orchestrator.report.records import read_trials  # noqa: E402
+from orchestrator.space import DEFAULT_SPACE  # noqa: E402
+from orchestrator.space_file import load_space  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "bench"))  # its sibling, also when loaded by file path (the tests)
 from table_runner import finished  # noqa: E402
 
@@ -90,12 +93,12 @@ def trial_rows(experiment: Path, search: dict) -> list[list]:
     record = json.loads((experiment / "ablation.json").read_text())
     rows = []
     for trial in read_trials(experiment):
-        row = trial["config"].get("row")
-        if not row or not row.startswith("p") or trial["error"] is not None:
+        row = trial.config.get("row")
+        if not row or not row.startswith("p") or trial.error is not None:
             continue
         params = record["rows"][row]["params"]
-        rows += [_csv_row(int(row[1:]), trial["config"]["seed"], e, params, search)
-                 for e in trial["history"] if "val/AP" in e]
+        rows += [_csv_row(int(row[1:]), trial.config["seed"], e, params, search)
+                 for e in trial.history if VAL_AP in e]
     return rows
 
 
@@ -106,10 +109,9 @@ def run_rows(runs: Path, plan: Path, search: dict) -> list[list]:
         config = entry["config"]
         if not finished(runs / entry["id"], config["epochs"]):
             continue
-        metrics = runs / entry["id"] / "metrics.json"
         params = {**config["distill"], **{k: config[k] for k in search if k in config}}
         rows += [_csv_row(int(entry["id"][1:4]), config["seed"], e, params, search)
-                 for e in json.loads(metrics.read_text())["epochs"] if "val/AP" in e]
+                 for e in read_metrics(runs / entry["id"])["epochs"] if VAL_AP in e]
     return rows
 
 

@@ -100,8 +100,8 @@ def main() -> None:
         "plain_trial_s": statistics.fmean(a["per_trial_s"]), "sweep_trial_s": statistics.fmean(b["per_trial_s"]),
         "plain_loop_s": statistics.fmean(a["loop_s"]), "sweep_loop_s": statistics.fmean(b["loop_s"]),
         "sweep_outside_trials_s": b["wall_s"] - sum(b["per_trial_s"]) / args.concurrent,  # trials overlap
-        "sweep_per_trial_startup_s": statistics.fmean(t - l for t, l in zip(b["per_trial_s"], b["loop_s"])),
-        "plain_per_trial_startup_s": statistics.fmean(t - l for t, l in zip(a["per_trial_s"], a["loop_s"])),
+        "sweep_per_trial_startup_s": statistics.fmean(t - loop for t, loop in zip(b["per_trial_s"], b["loop_s"])),
+        "plain_per_trial_startup_s": statistics.fmean(t - loop for t, loop in zip(a["per_trial_s"], a["loop_s"])),
         "loop_ratio": statistics.fmean(b["loop_s"]) / statistics.fmean(a["loop_s"]),
         "teacher_figures_from": b["teacher_figures_from"],
     }

@@ -1,7 +1,7 @@
 """Train a plan of search-table runs in parallel processes, without Ray: for a short GPU lease.
 
 Each plan entry is the TrainConfig a trial of the sweep would get (``bench/search_table.py --plan-only``
-writes them with the space's own ``train_config``); each runs through ``dmkd.train.fit``, the loop every
+writes them with the space's own ``train_config``); each runs through ``dmkd.engine.fit``, the loop every
 trial runs, in its own process, and leaves ``RUNS/<id>/metrics.json`` (per-epoch val AP). Only ``out``
 and ``device`` are changed. Entries already finished are skipped, so a rerun continues (a run cut
 mid-way starts again).
@@ -28,8 +28,8 @@ def _train(entry: dict, runs: str, device: str) -> tuple[str, float, float | Non
     import torch
 
     torch.set_num_threads(1)  # one core per run: the runs, not the threads, use the machine
-    from dmkd.config import from_dict
-    from dmkd.train import TrainConfig, fit
+    from dmkd.config import TrainConfig, from_dict
+    from dmkd.engine import fit
 
     out = Path(runs) / entry["id"]
     cfg = from_dict(TrainConfig, {**entry["config"], "out": str(out), "device": device})

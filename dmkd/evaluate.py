@@ -62,7 +62,7 @@ def evaluate_detector(detector: nn.Module, dataset: CocoDetection, device: torch
         results.extend(to_coco_results(outputs, targets, images, label_to_category))
     detector.train(was_training)
     everything = dist_utils.gather_to_main(results)
-    metrics = coco_evaluate(dataset.coco, everything) if dist_utils.is_main() else None
+    metrics = coco_evaluate(dataset.coco, everything) if everything is not None else None  # rank 0 holds them all
     return dist_utils.broadcast_from_main(metrics), (everything or [])
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -265,7 +265,7 @@ class TeacherFeatures(nn.Module):
         fold_batch_norms(self.detector.backbone)
         self._head_tap = HeadTap(self.detector, head_layer, keep_loss_inputs=False) if head_layer else None
 
-    def train(self, mode: bool = True) -> "TeacherFeatures":
+    def train(self, mode: bool = True) -> TeacherFeatures:
         return super().train(False)  # the teacher's BatchNorm statistics stay frozen
 
     @torch.no_grad()

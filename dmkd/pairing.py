@@ -7,6 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from dmkd.config import TrainConfig
 from dmkd.distillers import build_distiller, detector_family, needs_head
 from dmkd.errors import UserError
 from dmkd.models import DetectorConfig, TeacherFeatures, build_detector, feature_shapes, load_weights, weights_classes
@@ -25,7 +26,7 @@ def check_heads(student: nn.Module, teacher: nn.Module, student_classes: int, te
                         "predictions at the same anchors: use the same architecture and anchor_scale")
 
 
-def build_distillation(cfg, num_classes: int) -> tuple[TeacherFeatures, nn.Module]:
+def build_distillation(cfg: TrainConfig, num_classes: int) -> tuple[TeacherFeatures, nn.Module]:
     """The frozen teacher and the distiller that ``cfg.method`` names (``cfg``: a TrainConfig).
 
     Teacher and student must give FPN levels of the same names and sizes; checked here, once. The
@@ -50,4 +51,6 @@ def build_distillation(cfg, num_classes: int) -> tuple[TeacherFeatures, nn.Modul
     torch.manual_seed(cfg.seed)  # the distiller's initial weights depend on the seed only
     distiller = build_distiller(cfg.method, student_channels, teacher_channels, list(student_shapes), cfg.distill,
                                 family=detector_family(cfg.detector.arch))
+    if distiller is None:
+        raise UserError(f"method: {cfg.method!r} distils nothing; a run without a method has no teacher")
     return TeacherFeatures(teacher_detector, head_layer=getattr(distiller, "tower_layer", None)), distiller

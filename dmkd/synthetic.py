@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dmkd.config import DataPaths
 from dmkd.errors import UserError, one_line
 from dmkd.io import atomic_write_json
 
@@ -57,7 +58,7 @@ def _draw_image(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[Image.Im
     draw = ImageDraw.Draw(image)
 
     placed: list[list[int]] = []  # x0, y0, x1, y1 inclusive, with a gap kept between shapes
-    objects = []
+    objects: list[tuple[int, list[int]]] = []
     wanted = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     for _ in range(wanted * 20):
         if len(objects) == wanted:
@@ -92,7 +93,8 @@ def generate_split(spec: SyntheticSpec, out: Path, split: str, count: int, seed_
     """Write ``out/split/*.png`` and ``out/split.json``; returns the JSON path."""
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for index in range(count):
         rng = np.random.default_rng([spec.seed, seed_offset, index])
         image, objects = _draw_image(spec, rng)
@@ -114,12 +116,9 @@ def generate_split(spec: SyntheticSpec, out: Path, split: str, count: int, seed_
     return ann_path
 
 
-def ensure_mini_benchmark(out: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, str]:
-    """Generate the mini-benchmark into ``out`` unless an identical one is already there.
-
-    Returns the paths as ``train_ann``, ``train_images``, ``val_ann``, ``val_images``, ``test_ann``,
-    ``test_images``. The three splits come from one generator with different seeds.
-    """
+def ensure_mini_benchmark(out: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) -> DataPaths:
+    """Generate the mini-benchmark into ``out`` unless an identical one is already there, and return its
+    paths (all three splits). The three splits come from one generator with different seeds."""
     out = Path(out)
     paths = {"train_ann": out / "train.json", "train_images": out / "train",
              "val_ann": out / "val.json", "val_images": out / "val",
@@ -133,7 +132,7 @@ def ensure_mini_benchmark(out: str | os.PathLike, spec: SyntheticSpec = Syntheti
         generate_split(spec, out, "val", spec.val_images, seed_offset=1)
         generate_split(spec, out, "test", spec.test_images, seed_offset=2)
         atomic_write_json(marker, wanted)  # written last: its presence means the set is complete
-    return {key: str(value) for key, value in paths.items()}
+    return DataPaths(**{key: str(value) for key, value in paths.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(json.dumps(paths, indent=2))
+    print(json.dumps(paths.as_dict(), indent=2))
     return 0
 
 

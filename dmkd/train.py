@@ -1,355 +1,156 @@
-"""Train a detector, optionally distilled from a teacher; also runs under DDP. This module is the
-run's configuration, its data and the epoch loop; the step is :mod:`dmkd.step`, evaluation
-:mod:`dmkd.evaluate`, the checkpoint format :mod:`dmkd.checkpoint`, the command line :mod:`dmkd.cli`.
+"""Train a detector, optionally distilled from a teacher; also runs under ``torchrun`` (DDP).
 
     python -m dmkd.train                       # the mini-benchmark teacher, on the embedded data set
     python -m dmkd.train --role student        # the mini-benchmark student without distillation
 
 Writes into ``--out``: ``run.json`` (resolved config, seed, git commit, package versions),
 ``checkpoint.pt`` (every epoch, atomically), ``metrics.json`` (per-epoch figures, ``final`` holds the
-last) and ``predictions.json`` (COCO results with the data set's original category ids).
+last) and ``predictions.json`` (COCO results with the data set's original category ids). Arguments
+become a :class:`dmkd.config.TrainConfig`; :func:`dmkd.engine.fit` is the loop.
 """
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import json
 import sys
-import time
-import zlib
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import nn
-from tqdm import tqdm
 
 from dmkd import distributed as dist_utils
-from dmkd.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
-from dmkd.config import from_dict, to_dict
-from dmkd.data import CocoDetection, EpochTaggedSampler, SeededAugmentation, collate
-from dmkd.distillers import check_method, check_pair, check_parameters, detector_family
-from dmkd.errors import UserError
-from dmkd.evaluate import evaluate_detector
-from dmkd.io import atomic_write_json
-from dmkd.models import DetectorConfig, build_detector, weights_classes
-from dmkd.pairing import build_distillation
-from dmkd.provenance import provenance
-from dmkd.step import StudentWithDistiller, build_optimizer, build_scheduler, train_step
-from dmkd.synthetic import ensure_mini_benchmark
-from dmkd.transforms import eval_transforms, train_transforms
-
-# The embedded mini-benchmark pair: measured numbers are in the README.
-MINI_TEACHER = DetectorConfig(arch="fcos", backbone="resnet18", fpn_channels=128, image_size=96, head_convs=4)
-MINI_STUDENT = DetectorConfig(arch="fcos", backbone="resnet10_quarter", fpn_channels=64, image_size=96, head_convs=2)
+from dmkd.checkpoint import CHECKPOINT_NAME
+from dmkd.config import MINI_STUDENT, MINI_TEACHER, DataPaths, TrainConfig, parse_assignment, to_dict
+from dmkd.distillers import HEAD_METHODS, METHODS
+from dmkd.engine import fit
+from dmkd.errors import UserError, run_command
+from dmkd.models import ARCHITECTURES, BACKBONES, TORCHVISION_DETECTORS, TORCHVISION_FIXED, DetectorConfig
+from dmkd.step import NonFiniteLossError
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. Data paths left empty mean the embedded mini-benchmark under ``data_dir``."""
-
-    train_ann: str | None = None
-    train_images: str | None = None
-    val_ann: str | None = None
-    val_images: str | None = None
-    test_ann: str | None = None  # optional held-out split, evaluated after the last epoch only
-    test_images: str | None = None
-    data_dir: str = "data/mini"
-    out: str = "runs/teacher"
-    detector: DetectorConfig = MINI_TEACHER
-    epochs: int = 8
-    max_iters: int | None = None  # cap on iterations per epoch, for smoke runs
-    batch_size: int = 8
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_iters: int = 100
-    grad_clip: float = 10.0
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast, on CUDA only
-    eval_every: int = 1
-    resume: bool = False
-    # Distillation: ``method`` names a distiller; ``distill`` holds its parameters.
-    method: str = "none"
-    teacher: DetectorConfig | None = None
-    teacher_checkpoint: str | None = None
-    distill: dict = field(default_factory=dict)
-
-    def validate(self, check_files: bool = True) -> None:
-        """Every value, before anything is written or trained; ``check_files=False`` skips the checks
-        of files that exist only on the machine that trains (a sweep's ``--dry-run``)."""
-        self.detector.validate("detector")
-        data = [self.train_ann, self.train_images, self.val_ann, self.val_images]
-        if any(data) and not all(data):
-            raise UserError("data: give all of train_ann, train_images, val_ann and val_images, or none "
-                            "(none means the embedded mini-benchmark)")
-        if bool(self.test_ann) != bool(self.test_images):
-            raise UserError("data: give both test_ann and test_images, or neither")
-        if (self.test_ann or self.test_images) and not self.train_ann:
-            raise UserError("data: test_ann and test_images need the other four paths too (the mini-benchmark "
-                            "has its own test split)")
-        for name in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}: must be at least 1, but got {getattr(self, name)}")
-        if self.max_iters is not None and self.max_iters < 1:
-            raise UserError(f"max_iters: must be at least 1, but got {self.max_iters}")
-        if self.num_workers < 0:
-            raise UserError(f"num_workers: must be 0 (load in the training process) or more, but got {self.num_workers}")
-        for name in ("weight_decay", "warmup_iters", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise UserError(f"{name}: must be 0 or more, but got {getattr(self, name)}")
-        for name in ("out", "data_dir"):
-            if check_files and Path(getattr(self, name)).exists() and not Path(getattr(self, name)).is_dir():
-                raise UserError(f"{name}: {getattr(self, name)} exists and is not a folder")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise UserError(f"optimizer: must be 'adamw' or 'sgd', but got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise UserError(f"lr: must be positive, but got {self.lr}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"device: must be 'auto', 'cpu' or 'cuda', but got {self.device!r}")
-        check_method(self.method)
-        if self.method != "none":
-            teacher_weights = (self.teacher or MINI_TEACHER).weights
-            if not (self.teacher_checkpoint or teacher_weights) and check_files:
-                raise UserError(f"teacher_checkpoint: required for method {self.method!r} "
-                                f"(or the teacher's weights: a torchvision name or a file)")
-            if check_files and self.teacher_checkpoint and not Path(self.teacher_checkpoint).is_file():
-                raise UserError(f"{self.teacher_checkpoint}: teacher checkpoint file not found")
-            (self.teacher or MINI_TEACHER).validate("teacher")
-            check_pair(self.method, self.detector, self.teacher or MINI_TEACHER, self.distill)
-        check_parameters(self.method, self.distill, family=detector_family(self.detector.arch))
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":
-        return from_dict(cls, data, where)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dmkd.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=("teacher", "student"),
+                        help="which mini-benchmark detector and schedule to start from "
+                             "(default: teacher, or student when --method distills)")
+    data = parser.add_argument_group("data (the four paths, or none for the embedded mini-benchmark)")
+    data.add_argument("--train-ann", help="COCO instances JSON to train on")
+    data.add_argument("--train-images", help="folder of the training images")
+    data.add_argument("--val-ann", help="COCO instances JSON evaluated after every epoch")
+    data.add_argument("--val-images", help="folder of the validation images")
+    data.add_argument("--test-ann", help="optional held-out COCO JSON, evaluated after the last epoch only")
+    data.add_argument("--test-images", help="folder of the test images")
+    data.add_argument("--data-dir", help="where the mini-benchmark is generated (default: data/mini)")
+    parser.add_argument("--out", help="output folder (default: runs/<role>, runs/student_<method>)")
+    parser.add_argument("--epochs", type=int, help="epochs to train (default: 8 teacher, 3 student)")
+    parser.add_argument("--max-iters", type=int, help="cap on iterations per epoch (smoke runs)")
+    parser.add_argument("--batch-size", type=int, help="images per step and process (default: 8)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: 0.002)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), help="default: adamw")
+    parser.add_argument("--seed", type=int, help="seed of weights, data order and augmentation (default: 0)")
+    parser.add_argument("--workers", type=int, dest="num_workers",
+                        help="DataLoader worker processes (default: 0, load in the training process)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (it must exist)")
+    distill = parser.add_argument_group("distillation")
+    distill.add_argument("--method", help=f"distillation method, one of: {', '.join([*METHODS, *HEAD_METHODS])}, or a feature "
+                         f"and a head method joined by '+' (dmkd+crosskd) (default: none)")
+    distill.add_argument("--teacher-checkpoint", help="local teacher checkpoint (e.g. runs/teacher/checkpoint.pt)")
+    distill.add_argument("--teacher-arch", help=f"one of: {', '.join(ARCHITECTURES)} (default: fcos)")
+    distill.add_argument("--teacher-backbone", help=f"one of: {', '.join(BACKBONES)} (default: resnet18)")
+    distill.add_argument("--teacher-fpn-channels", type=int, help="default: 128")
+    distill.add_argument("--teacher-head-convs", type=int, help="default: 4")
+    distill.add_argument("--teacher-weights", help="the teacher's weights instead of --teacher-checkpoint: a torchvision "
+                         "name (RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1) or a file")
+    distill.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
+                         help="a parameter of the method, e.g. --distill alpha=2e-5 (repeatable)")
+    model = parser.add_argument_group("detector (default: the role's mini-benchmark detector)")
+    model.add_argument("--arch", help=f"detector architecture, one of: {', '.join(ARCHITECTURES)}")
+    model.add_argument("--backbone", help=f"ResNet backbone, one of: {', '.join(BACKBONES)}")
+    model.add_argument("--fpn-channels", type=int, help="FPN width (a multiple of 32)")
+    model.add_argument("--image-size", type=int, help="longer image side after resizing")
+    model.add_argument("--head-convs", type=int, help="convs in each head tower")
+    model.add_argument("--weights", help="start the whole detector from these weights: a torchvision name or a file")
+    model.add_argument("--backbone-weights", help="start the backbone from these weights: a torchvision name "
+                       "(ResNet18_Weights.IMAGENET1K_V1) or a file; the body's BatchNorm is frozen, as torchvision does")
+    return parser
 
 
-@dataclass
-class Data:
-    train: CocoDetection
-    val: CocoDetection
-    paths: dict
-    test: CocoDetection | None = None
+ROLE_DEFAULTS = {
+    "teacher": dict(detector=MINI_TEACHER, epochs=8, out="runs/teacher"),
+    "student": dict(detector=MINI_STUDENT, epochs=3, out="runs/student"),
+}
 
 
-def load_data(cfg: TrainConfig) -> Data:
-    """Build both data sets (generating the mini-benchmark when no paths are given)."""
-    if cfg.train_ann:
-        paths = {"train_ann": cfg.train_ann, "train_images": cfg.train_images,
-                 "val_ann": cfg.val_ann, "val_images": cfg.val_images}
-        if cfg.test_ann:
-            paths.update(test_ann=cfg.test_ann, test_images=cfg.test_images)
-    else:
-        paths = ensure_mini_benchmark(cfg.data_dir)
-    size = cfg.detector.image_size
-    train = CocoDetection(paths["train_ann"], paths["train_images"], train_transforms(size))
-    val = CocoDetection(paths["val_ann"], paths["val_images"], eval_transforms(size))
-    test = CocoDetection(paths["test_ann"], paths["test_images"], eval_transforms(size)) if "test_ann" in paths else None
-    for held_out in (split for split in (val, test) if split is not None):
-        if train.category_ids != held_out.category_ids:
-            raise UserError(f"{held_out.ann_file}: categories differ from those of {paths['train_ann']}")
-    if len(train) == 0:
-        raise UserError(f"{paths['train_ann']}: has no images")
-    return Data(train, val, paths, test)
+def _detector_args(defaults: DetectorConfig, given: dict) -> dict:
+    """A role's default detector with the options given; a torchvision detector drops the default's
+    backbone, FPN width and towers (torchvision fixes them) unless they were given too."""
+    detector = to_dict(defaults)
+    if given.get("arch") in TORCHVISION_DETECTORS:
+        for key, _ in TORCHVISION_FIXED:
+            detector.pop(key)
+    detector.update({k: v for k, v in given.items() if v is not None})
+    return detector
 
 
-def state_fingerprint(module: nn.Module) -> int:
-    """CRC-32 of a module's state: two runs that print the same number started from the same weights."""
-    crc = 0
-    for name, tensor in module.state_dict().items():
-        crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
-    return crc
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    method = args.method or "none"
+    teacher_options = [f"--{k.replace('_', '-')}" for k in ("distill", "teacher_checkpoint", "teacher_arch",
+                                                             "teacher_backbone", "teacher_fpn_channels",
+                                                             "teacher_head_convs", "teacher_weights") if getattr(args, k)]
+    if method == "none" and teacher_options:
+        raise UserError(f"{teacher_options[0]}: only means something with --method (a distillation method); "
+                        f"without one, nothing is distilled")
+    role = args.role or ("student" if method != "none" else "teacher")
+    values: dict = dict(ROLE_DEFAULTS[role])
+    if method != "none" and not args.out:
+        values["out"] = f"runs/student_{method}"
+    values["method"] = method
+    values["teacher_checkpoint"] = args.teacher_checkpoint
+    teacher = _detector_args(MINI_TEACHER, {k: getattr(args, f"teacher_{k}") for k in ("arch", "backbone", "fpn_channels",
+                                                                                  "head_convs", "weights")})
+    if args.image_size is not None:
+        teacher["image_size"] = args.image_size
+    values["teacher"] = teacher
+    values["distill"] = dict(parse_assignment(item, "--distill") for item in args.distill)
+    detector = _detector_args(values["detector"], {k: getattr(args, k) for k in ("arch", "backbone", "fpn_channels",
+                                                                               "image_size", "head_convs", "weights",
+                                                                               "backbone_weights")})
+    values["detector"] = detector
+    values["data"] = {key: getattr(args, key) for key in (f.name for f in fields(DataPaths)) if getattr(args, key) is not None}
+    for key in ("data_dir", "out", "epochs", "max_iters", "batch_size", "lr", "optimizer", "seed", "num_workers", "device"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values["resume"] = args.resume
+    return TrainConfig.from_dict({**values, "detector": detector}, where="arguments")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("device: 'cuda' was asked for, but no CUDA device is available")
-    return torch.device("cuda", torch.cuda.current_device())  # torchrun / Ray Train set it per rank
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
+    def run() -> int:
+        cfg = config_from_args(args)
+        cfg.validate()
+        if cfg.resume and not (Path(cfg.out) / CHECKPOINT_NAME).is_file():
+            raise UserError(f"--resume: {Path(cfg.out) / CHECKPOINT_NAME}: not found (nothing to continue; "
+                            f"leave out --resume to start a new run)")
+        joined = dist_utils.join_torchrun_group(cfg.device)  # under torchrun: one process per device
+        main_rank = dist_utils.is_main()
+        try:
+            final = fit(cfg)
+        except NonFiniteLossError as error:
+            raise UserError(f"{error}; lower the loss weights (--distill) or the learning rate") from None
+        finally:
+            if joined:
+                torch.distributed.destroy_process_group()
+        if main_rank:
+            summary = {k: v for k, v in final.items() if k.startswith(("val/", "test/"))}
+            print(json.dumps({"out": cfg.out, "epochs": final.get("epoch"), **summary}))
+        return 0
 
-EpochCallback = Callable[[int, dict, Path | None], None]
-
-
-@dataclass
-class Run:
-    """What the loop works with, set up once by :func:`prepare`."""
-
-    cfg: TrainConfig
-    data: Data
-    device: torch.device
-    out: Path
-    model: StudentWithDistiller
-    ddp_model: nn.Module
-    teacher: nn.Module | None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: EpochTaggedSampler
-    loader: torch.utils.data.DataLoader
-    iters_per_epoch: int
-    pairing: dict
-    checkpoint_path: Path
-    resume_state: dict | None  # the checkpoint to continue from, read (and checked) before anything was written
-
-
-def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Module | None = None,
-        data: Data | None = None, on_epoch_end: EpochCallback | None = None, progress: bool = True,
-        resume_from: str | Path | None = None) -> dict:
-    """Train ``cfg.detector`` and return the final epoch's metrics.
-
-    ``teacher`` (a :class:`~dmkd.models.TeacherFeatures`) and ``distiller`` (see
-    :mod:`dmkd.distillers`) turn on distillation; by default ``cfg.method`` builds both. Under
-    ``torch.distributed`` the model is wrapped in DDP, the data sharded, metrics reduced, and only rank 0
-    writes files. ``on_epoch_end(epoch, metrics, checkpoint_path)`` is called on every rank after each
-    epoch; the path is None where rank 0 wrote none.
-    """
-    run = prepare(cfg, distiller=distiller, teacher=teacher, data=data, resume_from=resume_from)
-    start_epoch, step, history = 0, 0, []
-    if run.resume_state is not None:
-        start_epoch, step, history = restore(run.resume_state, run.checkpoint_path, run.model, run.optimizer, run.scheduler)
-    metrics: dict = history[-1] if history else {}
-    for epoch in range(start_epoch, run.cfg.epochs):
-        cpu_started = time.process_time()
-        metrics, step = train_epoch(run, epoch, step, progress)
-        evaluate_epoch(run, epoch, metrics)
-        # the CPU time of every rank's process (all its threads), for the compute a report charges a run
-        cpu = dist_utils.mean_over_ranks({"cpu": time.process_time() - cpu_started}, run.device)["cpu"]
-        metrics["time/cpu_s"] = cpu * dist_utils.world_size()
-        history.append(metrics)
-        written = None
-        if dist_utils.is_main():
-            written = run.out / CHECKPOINT_NAME
-            save_checkpoint(written, run.model, run.optimizer, run.scheduler, epoch=epoch + 1, step=step,
-                            history=history, config=to_dict(run.cfg), data=run.data.paths)
-            atomic_write_json(run.out / "metrics.json", {"epochs": history, "final": metrics})
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, metrics, written)
-        dist_utils.barrier()
-    return metrics
-
-
-def prepare(cfg: TrainConfig, *, distiller: nn.Module | None, teacher: nn.Module | None, data: Data | None,
-            resume_from: str | Path | None) -> Run:
-    """Check everything, write ``run.json``, then build the student, distiller, teacher, optimiser and data order."""
-    cfg.validate()
-    data = data or load_data(cfg)
-    pretrained_classes = weights_classes(cfg.detector)
-    if pretrained_classes and pretrained_classes != data.train.num_classes:
-        raise UserError(f"detector.weights: {cfg.detector.weights} predicts {pretrained_classes - 1} classes, the data has "
-                        f"{data.train.num_classes - 1}; start from backbone_weights instead")
-    cfg = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, num_classes=data.train.num_classes))
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    if distiller is None and cfg.method != "none":
-        teacher, distiller = build_distillation(cfg, data.train.num_classes)
-    checkpoint_path = Path(resume_from) if resume_from else out / CHECKPOINT_NAME
-    resume_state = load_checkpoint(checkpoint_path) if (cfg.resume or resume_from) and checkpoint_path.is_file() else None
-    if dist_utils.is_main():  # everything above checked: only now is anything written
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "run.json", {"config": to_dict(cfg), "data": data.paths,
-                                            "world_size": dist_utils.world_size(), "device": str(device),
-                                            "torch_threads": torch.get_num_threads(), **provenance()})
-    torch.manual_seed(cfg.seed)
-    detector = build_detector(cfg.detector)
-    pairing = {"pairing/student_init": state_fingerprint(detector)}
-    model = StudentWithDistiller(detector, distiller).to(device)
-    optimizer = build_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, model)
-    sampler, loader = data_order(cfg, data)
-    pairing["pairing/data_order"] = zlib.crc32(json.dumps(list(sampler)).encode())
-    iters_per_epoch = min(len(loader), cfg.max_iters or len(loader))
-    if iters_per_epoch == 0:
-        raise UserError(f"batch_size: {cfg.batch_size} per rank x {dist_utils.world_size()} ranks is more than the "
-                        f"{len(data.train)} training images")
-    scheduler = build_scheduler(optimizer, cfg.warmup_iters, cfg.epochs * iters_per_epoch)
-    ddp_model = model
-    if dist_utils.is_distributed():
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Run(cfg, data, device, out, model, ddp_model, teacher.to(device) if teacher is not None else None,
-               optimizer, scheduler, sampler, loader, iters_per_epoch, pairing, checkpoint_path, resume_state)
-
-
-def data_order(cfg: TrainConfig, data: Data) -> tuple[EpochTaggedSampler, torch.utils.data.DataLoader]:
-    """The seeded, sharded sampler (set to epoch 0) and the loader with seeded augmentation."""
-    sampler = EpochTaggedSampler(torch.utils.data.DistributedSampler(
-        data.train, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(), shuffle=True, seed=cfg.seed,
-        drop_last=True), len(data.train))
-    sampler.set_epoch(0)
-    loader = torch.utils.data.DataLoader(SeededAugmentation(data.train, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
-                                         collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
-                                         persistent_workers=cfg.num_workers > 0)
-    return sampler, loader
-
-
-def train_epoch(run: Run, epoch: int, step: int, progress: bool) -> tuple[dict, int]:
-    """One epoch of steps; returns its metrics (mean loss terms over ranks) and the step count."""
-    cfg, device = run.cfg, run.device
-    run.model.train()
-    run.sampler.set_epoch(epoch)
-    sums: dict[str, float] = defaultdict(float)
-    started = time.perf_counter()
-    bar = tqdm(total=run.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (progress and dist_utils.is_main()))
-    seen = 0
-    first_step = {}
-    for images, targets in run.loader:
-        if seen == run.iters_per_epoch:
-            break
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-        figures = train_step(run.ddp_model, run.teacher, images, targets, run.optimizer, run.scheduler,
-                             grad_clip=cfg.grad_clip, use_amp=cfg.amp and device.type == "cuda",
-                             where=f"step {step} (epoch {epoch + 1})")
-        if step == 0 and run.model.distiller is not None:
-            first_step = {"loss/distill_step0": figures["loss/distill"], "loss/detector_step0": figures["loss/detector"]}
-        step += 1
-        seen += 1
-        for name, value in figures.items():
-            sums[name] += value
-        bar.update(1)
-        bar.set_postfix(loss=f"{figures['loss/total']:.3f}")
-    bar.close()
-    metrics = {"epoch": epoch + 1, "step": step, "lr": run.scheduler.get_last_lr()[0],
-               "time/train_s": time.perf_counter() - started, **run.pairing}
-    metrics.update(dist_utils.mean_over_ranks({**{k: v / seen for k, v in sums.items()}, **first_step}, device))
-    if run.model.distiller is not None:
-        metrics.update(run.model.distiller.extra_metrics())
-        metrics.update(loss_ratios(metrics))
-    return metrics, step
-
-
-def loss_ratios(metrics: dict) -> dict:
-    """How large the distillation loss is against the detector's own: over the epoch (means of the two),
-    and at the run's first step. A ratio far above 1 means the distillation gradient dwarfs the detector's."""
-    ratios = {}
-    for name, distill, detector in (("loss_ratio", "loss/distill", "loss/detector"),
-                                    ("loss_ratio/step0", "loss/distill_step0", "loss/detector_step0")):
-        if distill in metrics and metrics.get(detector):
-            ratios[name] = metrics[distill] / metrics[detector]
-    return ratios
-
-
-def evaluate_epoch(run: Run, epoch: int, metrics: dict) -> None:
-    """Validation when due (and always after the last epoch); the held-out test split after the last only."""
-    cfg = run.cfg
-    last_epoch = epoch + 1 == cfg.epochs
-    if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
-        started = time.perf_counter()
-        figures, predictions = evaluate_detector(run.model.detector, run.data.val, run.device, cfg.batch_size)
-        metrics.update({f"val/{k}": v for k, v in figures.items()})
-        metrics["time/eval_s"] = time.perf_counter() - started
-        if dist_utils.is_main():
-            atomic_write_json(run.out / "predictions.json", predictions)
-    if last_epoch and run.data.test is not None:  # held out: never seen by selection or early stopping
-        figures, _ = evaluate_detector(run.model.detector, run.data.test, run.device, cfg.batch_size)
-        metrics.update({f"test/{k}": v for k, v in figures.items()})
+    return run_command(run, interrupted="the last finished epoch is in the checkpoint; rerun with --resume")
 
 
 if __name__ == "__main__":
-    from dmkd.cli import main
-
     sys.exit(main())

@@ -27,7 +27,7 @@ class Resize:
         scale = self.max_size / max(width, height)
         if scale != 1.0:
             new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            image = image.resize(new_size, Image.BILINEAR)
+            image = image.resize(new_size, Image.Resampling.BILINEAR)
             target = dict(target)
             target["boxes"] = target["boxes"] * torch.tensor(
                 [new_size[0] / width, new_size[1] / height] * 2, dtype=target["boxes"].dtype)

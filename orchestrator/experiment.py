@@ -1,56 +1,109 @@
-"""One experiment's lifecycle on Ray, shared by a sweep and an ablation: W&B's environment, Ray started
-(or a cluster joined), the data paths, the teacher (trained once and cached, or given), its figures and
-the undistilled reference rows; Ray shut down at the end, whatever happens inside."""
+"""One experiment on Ray, shared by a sweep and an ablation: its data, the local Ray it starts (or the
+cluster it joins), and its lifecycle: the teacher (trained once and cached, or given), its figures and
+the undistilled reference rows, Ray shut down at the end whatever happens inside (:func:`open_experiment`).
+Where it is stored is a :class:`~orchestrator.storage.Storage`."""
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
+from dmkd.config import DataPaths
+from dmkd.errors import UserError
 from dmkd.io import atomic_write_json
-from orchestrator.reference import ensure_references, reference_cache
-from orchestrator.rows import TrialSetup
-from orchestrator.runner import data_paths, start_ray, teacher_cache, wandb_env, write_reference
+from dmkd.synthetic import ensure_mini_benchmark
+from orchestrator.callbacks import wandb_env
+from orchestrator.reference import ensure_references
+from orchestrator.space import SweepSpace
+from orchestrator.storage import Storage
 from orchestrator.teacher import ensure_teacher, evaluate_teacher
+from orchestrator.trial import TrialSetup
+
+
+def data_paths(space: SweepSpace) -> DataPaths:
+    """The space's COCO files (checked to exist, made absolute), or the mini-benchmark, generated once."""
+    if space.data.given:
+        for key, value in space.data.as_dict().items():
+            if not Path(value).exists():
+                raise UserError(f"data.{key}: {value}: not found")
+        return space.data.resolved()
+    return ensure_mini_benchmark(Path(space.data.mini_dir).resolve())
+
+
+def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
+    # The legacy output engine: the only one whose status table takes chosen columns (tuning.StatusTable).
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # tuning.tune_callbacks adds the two loggers we read
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        return
+    # Each trial's driver function holds one CPU while its Train workers hold theirs: count them on top.
+    # The dashboard stays on: Ray Train's placement-group cleaner asks the state API whether a stopped
+    # trial's controller is gone; without it, the CPUs of every trial ASHA stops stay reserved.
+    num_cpus = (os.cpu_count() or 1) + space.max_concurrent
+    # Ray Train watches for node preemption (spot instances) with one more actor process per trial; on
+    # the one machine this Ray runs on there is nothing to preempt. Measured on 2 cores: the tuned-ablation
+    # test 258 s against 284 s with it (BENCHMARKS.md). A user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False)
 
 
 @dataclass(frozen=True)
 class Experiment:
     """``setup`` is what every trial receives (teacher checkpoint, data paths, Train storage, env vars)."""
 
-    folder: Path  # STORAGE/NAME (meaningful for a local storage only)
-    local: bool  # False for a cloud --storage: nothing is written on this machine
+    storage: Storage
+    name: str
     teacher: str | None
-    paths: dict
+    paths: DataPaths
     setup: TrialSetup
+
+    @property
+    def local(self) -> bool:
+        return self.storage.local
+
+    @property
+    def folder(self) -> Path:
+        """STORAGE/NAME (a local storage only)."""
+        return self.storage.folder(self.name)
+
+
+def write_reference(folder: Path, references: dict) -> None:
+    """The experiment's copy of its reference rows (the report reads only the experiment folder)."""
+    if references:
+        atomic_write_json(folder / "reference.json", {str(seed): found for seed, found in references.items()})
 
 
 @contextlib.contextmanager
-def open_experiment(space, *, name: str, storage: str, wandb_mode: str, address: str | None, distills: bool,
-                    reference_seeds: list[int]):
+def open_experiment(space: SweepSpace, *, name: str, storage: Storage, wandb_mode: str, address: str | None,
+                    distills: bool, reference_seeds: list[int]) -> Iterator[Experiment]:
     """Yield the :class:`Experiment`; ``distills``: some trial needs the teacher; ``reference_seeds``: the
     seeds whose undistilled reference student the report compares against (trained when missing)."""
-    folder = Path(storage) / name
-    local = "://" not in storage
-    env_vars = wandb_env(wandb_mode, folder, storage)
+    env_vars = wandb_env(wandb_mode, storage.folder(name) if storage.local else None)
     os.environ.update(env_vars)
     paths = data_paths(space)
     start_ray(address, space, env_vars)
     try:
-        teacher = ensure_teacher(space, paths, teacher_cache(storage)) if distills else None
-        setup = TrialSetup(teacher, paths, f"{storage.rstrip('/')}/{name}/train", env_vars)
-        if local:
-            folder.mkdir(parents=True, exist_ok=True)
-            if distills and not (folder / "teacher.json").is_file():
-                atomic_write_json(folder / "teacher.json", evaluate_teacher(space, paths, teacher))
+        cache = storage.folder() if storage.local else None  # the teacher and reference caches need a filesystem
+        teacher = ensure_teacher(space, paths, cache / "teachers" if cache else None) if distills else None
+        setup = TrialSetup(teacher, paths, storage.uri(name, "train"), env_vars)
+        experiment = Experiment(storage, name, teacher, paths, setup)
+        if storage.local:
+            experiment.folder.mkdir(parents=True, exist_ok=True)
+            if distills and not (experiment.folder / "teacher.json").is_file():
+                atomic_write_json(experiment.folder / "teacher.json", evaluate_teacher(space, paths, teacher))
         if reference_seeds:
-            references = ensure_references(space, reference_seeds, setup, reference_cache(storage))
-            if local:
-                write_reference(folder, references)
-        yield Experiment(folder, local, teacher, paths, setup)
+            references = ensure_references(space, reference_seeds, setup, cache / "references" if cache else None)
+            if storage.local:
+                write_reference(experiment.folder, references)
+        yield experiment
     finally:
         if address is None:
             ray.shutdown()

@@ -1,7 +1,7 @@
 """The undistilled student: the reference row of every sweep and ablation.
 
 It is trained through the same trial machinery as the distilled trials (a Tune trial running a Ray
-Train run of ``dmkd.train.fit`` with method ``none``), with the same student, data, budget, training
+Train run of ``dmkd.engine.fit`` with method ``none``), with the same student, data, budget, training
 settings, workers and seed, so every distilled figure has a Δ AP against it. It is trained once per
 seed and cached beside the teachers (``STORAGE/references/``): a sweep and an ablation of the same
 pair and budget share it.
@@ -14,21 +14,20 @@ import json
 from functools import partial
 from pathlib import Path
 
-from dmkd.config import to_dict
+from ray import tune
+
+from dmkd.config import DataPaths, to_dict
 from dmkd.errors import UserError
 from dmkd.io import atomic_write_json, read_json
-from orchestrator.rows import REFERENCE_ROW, TrialSetup
-
+from orchestrator.grid import REFERENCE_ROW
+from orchestrator.space import SweepSpace
+from orchestrator.trial import TrialSetup, run_trial
+from orchestrator.tuning import check_finished, make_tuner
 
 KEPT = ("epoch", "val/", "test/", "loss/", "pairing/")
 
 
-def reference_cache(storage: str) -> Path | None:
-    """STORAGE/references; None for a cloud URI (the cache needs a filesystem)."""
-    return None if "://" in storage else Path(storage) / "references"
-
-
-def reference_folder(space, data_paths: dict, cache_root: Path) -> Path:
+def reference_folder(space: SweepSpace, data_paths: DataPaths, cache_root: Path) -> Path:
     """One folder per (student, data, budget, training settings, workers); one file per seed inside."""
     cfg = space.train_config({}, method="none", seed=0, data_paths=data_paths)
     source = {**to_dict(cfg), "out": None, "seed": None, "num_workers_per_trial": space.resources.num_workers}
@@ -41,15 +40,11 @@ def _kept(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k.startswith(KEPT) and isinstance(v, (int, float))}
 
 
-def ensure_references(space, seeds: list[int], setup: TrialSetup, cache_root: Path | None,
+def ensure_references(space: SweepSpace, seeds: list[int], setup: TrialSetup, cache_root: Path | None,
                       log=partial(print, flush=True)) -> dict[int, dict]:
     """``{seed: {"history": [per-epoch figures], "final": {...}}}`` for each seed, trained when missing
-    (the missing seeds together, as one small Tune run that a rerun continues)."""
-    from ray import tune
-
-    from orchestrator.runner import StatusTable, check_finished, tune_callbacks
-    from orchestrator.trial import run_trial, trial_dirname
-
+    (the missing seeds together, as one small Tune run that a rerun continues); ``cache_root`` None
+    (a cloud storage) trains nothing."""
     if cache_root is None:
         log("reference: not trained (a cloud --storage has no cache for it); the report leaves its row empty")
         return {}
@@ -62,18 +57,10 @@ def ensure_references(space, seeds: list[int], setup: TrialSetup, cache_root: Pa
         plain = dataclasses.replace(space, method="none", search={})
         trainable = tune.with_parameters(run_trial, space=plain, setup=setup.stored_in(str(folder / "train")),
                                          rows={"none": REFERENCE_ROW})
-        if tune.Tuner.can_restore(str(folder / name)):
-            tuner = tune.Tuner.restore(str(folder / name), trainable=trainable, resume_errored=True, resume_unfinished=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space={"row": "none", "seed": tune.grid_search(missing)},
-                               tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent,
-                                                           trial_dirname_creator=trial_dirname),
-                               run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=1,
-                                                         callbacks=tune_callbacks(),
-                                                         progress_reporter=StatusTable(
-                                                             f"reference: none, {space.pair_name}", space.objective, ["seed"]),
-                                                         failure_config=tune.FailureConfig(max_failures=0)))
-        result_grid = tuner.fit()
+        result_grid = make_tuner(trainable, storage_path=str(folder), name=name, header=f"reference: none, {space.pair_name}",
+                                 objective=space.objective, columns=["seed"], callbacks=[],
+                                 param_space={"row": "none", "seed": tune.grid_search(missing)},
+                                 max_concurrent=space.max_concurrent).fit()
         check_finished(result_grid, "the reference training")
         for result in result_grid:
             seed = result.config["seed"]

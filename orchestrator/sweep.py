@@ -15,14 +15,14 @@ import dataclasses
 import json
 import netrc
 import os
-import re
 import sys
-from pathlib import Path
 
-from dmkd.errors import UserError, run_command
+from dmkd.config import parse_assignment
+from dmkd.errors import run_command
 from dmkd.provenance import provenance
-from dmkd.cli import parse_assignment
-from orchestrator.space import describe, load_space, paper_default_point
+from orchestrator.space import SweepSpace, describe, paper_default_point
+from orchestrator.space_file import load_space
+from orchestrator.storage import Storage, check_name
 
 WANDB_MODES = ("online", "offline", "off")
 
@@ -53,23 +53,6 @@ def has_wandb_key() -> bool:
         return False
 
 
-def resolve_storage(storage: str) -> str:
-    """A cloud URI as given; a folder as an absolute path (Ray workers do not share the driver's cwd)."""
-    if "://" in storage:
-        return storage
-    if Path(storage).exists() and not Path(storage).is_dir():
-        raise UserError(f"--storage: {storage} exists and is not a folder")
-    return str(Path(storage).resolve())
-
-
-def check_name(name: str) -> str:
-    """An experiment name is one plain folder name inside --storage."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
-        raise UserError(f"--name: {name!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' "
-                        f"or '..'), since the experiment lives in STORAGE/NAME")
-    return name
-
-
 def resolve_wandb_mode(asked: str | None) -> str:
     """``--wandb``: default online with an API key, else offline; online without a key falls back to offline."""
     if asked in (None, "online") and not has_wandb_key():
@@ -79,7 +62,7 @@ def resolve_wandb_mode(asked: str | None) -> str:
     return asked or "online"
 
 
-def resolve_space(args):
+def resolve_space(args: argparse.Namespace) -> SweepSpace:
     overrides = [parse_assignment(item, "--set") for item in args.set]
     if args.num_samples is not None:
         overrides.append(("num_samples", args.num_samples))
@@ -88,7 +71,7 @@ def resolve_space(args):
     return load_space(args.space, overrides)
 
 
-def plan(space, name: str, storage: str, wandb_mode: str, address: str | None) -> dict:
+def plan(space: SweepSpace, name: str, storage: str, wandb_mode: str, address: str | None) -> dict:
     r = space.resources
     per_trial = {"workers": r.num_workers, "cpus": r.num_workers * r.cpus_per_worker + 1,
                  "gpus": r.num_workers * r.gpus_per_worker if r.use_gpu else 0}
@@ -97,7 +80,7 @@ def plan(space, name: str, storage: str, wandb_mode: str, address: str | None) -
             "max_concurrent": space.max_concurrent, "resources_per_trial": per_trial,
             "epochs_per_trial": space.budget.epochs, "scheduler": dataclasses.asdict(space.scheduler),
             "objective": dataclasses.asdict(space.objective), "searched": sorted(space.search),
-            "first_point": paper_default_point(space), "wandb": wandb_mode,
+            "first_point": paper_default_point(space), "startup_trials": space.startup_trials, "wandb": wandb_mode,
             "teacher": space.pair.teacher_checkpoint or ("trained and cached" if space.pair.train_teacher else None)}
 
 
@@ -107,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         space = resolve_space(args)
         name = check_name(args.name or space.name)
-        storage = resolve_storage(args.storage)
+        storage = Storage.parse(args.storage)
         wandb_mode = resolve_wandb_mode(args.wandb)
-        the_plan = plan(space, name, storage, wandb_mode, args.address)
+        the_plan = plan(space, name, storage.uri(), wandb_mode, args.address)
         if args.dry_run:
             print(json.dumps(the_plan, indent=2))
             return 0
-        from orchestrator.runner import run_sweep  # imports Ray: not needed for --dry-run
+        from orchestrator.drivers import run_sweep  # Ray, Tune and W&B: not needed for --dry-run
 
         summary = run_sweep(space, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,
                             resume=args.resume, record={"plan": the_plan, "space": describe(space), **provenance()})

@@ -1,6 +1,7 @@
 """The sweep's teacher: a given checkpoint, or one trained once as its own Ray task and cached."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -8,13 +9,19 @@ from functools import partial
 from pathlib import Path
 
 import ray
+import torch
 from ray.util.queue import Queue
 
-from dmkd.config import to_dict
-from dmkd.errors import UserError
-from dmkd.io import atomic_write
 from dmkd.checkpoint import CHECKPOINT_NAME
-from dmkd.train import TrainConfig, fit
+from dmkd.config import DataPaths, TrainConfig, to_dict
+from dmkd.engine import fit, load_data
+from dmkd.errors import UserError
+from dmkd.evaluate import evaluate_detector
+from dmkd.io import atomic_write
+from dmkd.metrics import split_figures
+from dmkd.models import build_detector, load_weights, weights_classes
+from dmkd.weights import categories, labels_by_name
+from orchestrator.space import SweepSpace
 
 PROGRESS_POLL_S = 2.0
 # What distillation and the report read from a cached teacher; the optimizer state (two thirds of the
@@ -22,8 +29,8 @@ PROGRESS_POLL_S = 2.0
 CACHED_KEYS = ("model", "config", "history", "data")
 
 
-def teacher_config(space, data_paths: dict, out: Path) -> TrainConfig:
-    return TrainConfig(**data_paths, out=str(out), detector=space.pair.teacher, epochs=space.pair.teacher_epochs,
+def teacher_config(space: SweepSpace, data_paths: DataPaths, out: Path) -> TrainConfig:
+    return TrainConfig(data=data_paths, out=str(out), detector=space.pair.teacher, epochs=space.pair.teacher_epochs,
                        seed=space.seed, resume=True, **{k: v for k, v in space.fixed.items()
                                                          if k in ("batch_size", "num_workers", "device", "amp")})
 
@@ -31,8 +38,6 @@ def teacher_config(space, data_paths: dict, out: Path) -> TrainConfig:
 def _train(cfg_dict: dict, final: str, progress: Queue) -> str:
     """Runs as a Ray task, on whichever node has the CPUs: trains (or resumes) the teacher, sends one
     progress record per epoch through ``progress``, and writes the weights-only cache file ``final``."""
-    import torch
-
     cfg = TrainConfig.from_dict(cfg_dict)
     started, first_epoch = time.monotonic(), []
 
@@ -65,10 +70,12 @@ def progress_line(record: dict) -> str:
     return "  ".join(parts)
 
 
-def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print, flush=True)) -> str | None:
+def ensure_teacher(space: SweepSpace, data_paths: DataPaths, cache_root: Path | None,
+                   log=partial(print, flush=True)) -> str | None:
     """The teacher checkpoint path: ``pair.teacher_checkpoint``, or the cached one for this teacher,
-    data and seed, trained first (resumably) as a Ray task when missing; None when the teacher comes
-    from its pretrained weights (``pair.teacher.weights``)."""
+    data and seed under ``cache_root``, trained first (resumably) as a Ray task when missing; None when
+    the teacher comes from its pretrained weights (``pair.teacher.weights``). A cloud storage has no
+    cache (``cache_root`` None)."""
     if space.pair.teacher.weights:
         log(f"teacher: {space.pair.teacher.arch} with pretrained weights {space.pair.teacher.weights}")
         return None
@@ -76,7 +83,7 @@ def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print,
         if not Path(space.pair.teacher_checkpoint).is_file():
             raise UserError(f"pair.teacher_checkpoint: {space.pair.teacher_checkpoint}: file not found")
         return str(Path(space.pair.teacher_checkpoint).resolve())
-    if "://" in str(cache_root):
+    if cache_root is None:
         raise UserError("pair.train_teacher: caching a trained teacher needs a filesystem --storage (local or "
                         "NFS); with a cloud URI, train the teacher first and set pair.teacher_checkpoint")
     probe = teacher_config(space, data_paths, Path("."))
@@ -100,7 +107,7 @@ def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print,
     progress = Queue(actor_options={"num_cpus": 0})
     try:
         task = ray.remote(**resources)(_train).remote(to_dict(cfg), str(final), progress)
-        done = []
+        done: list = []
         while not done:
             done, _ = ray.wait([task], timeout=PROGRESS_POLL_S)
             while not progress.empty():
@@ -112,15 +119,6 @@ def ensure_teacher(space, data_paths: dict, cache_root: Path, log=partial(print,
 
 
 def _evaluate(cfg_dict: dict, checkpoint: str | None, device: str = "cpu") -> dict:
-    import dataclasses
-
-    import torch
-
-    from dmkd.models import build_detector, load_weights, weights_classes
-    from dmkd.evaluate import evaluate_detector
-    from dmkd.train import load_data
-    from dmkd.weights import categories, labels_by_name
-
     cfg = TrainConfig.from_dict(cfg_dict)
     data = load_data(cfg)
     classes = weights_classes(cfg.detector) or data.train.num_classes
@@ -135,16 +133,14 @@ def _evaluate(cfg_dict: dict, checkpoint: str | None, device: str = "cpu") -> di
             mapping = labels_by_name(names, dataset.coco, f"pair.teacher.weights ({cfg.detector.weights})") if names else None
             found, _ = evaluate_detector(detector.to(device), dataset, torch.device(device), cfg.batch_size,
                                          label_to_category=mapping)
-            figures.update({f"{split}/{k}": v for k, v in found.items()})
+            figures.update(split_figures(split, found))
     return figures
 
 
-def recorded_figures(checkpoint: str | None, data_paths: dict) -> dict | None:
+def recorded_figures(checkpoint: str | None, data_paths: DataPaths) -> dict | None:
     """The validation (and test) figures a ``dmkd.train`` checkpoint recorded after its last epoch, when
     that evaluation used these held-out images and annotations; None otherwise (a plain state dict, an
     older checkpoint, other held-out sets, or no evaluation in the last epoch)."""
-    import torch
-
     if checkpoint is None:
         return None
     try:
@@ -154,7 +150,8 @@ def recorded_figures(checkpoint: str | None, data_paths: dict) -> dict | None:
     if not isinstance(state, dict) or not state.get("history") or not isinstance(state.get("data"), dict):
         return None
     keys = ("val_ann", "val_images", "test_ann", "test_images")
-    wanted = {k: str(Path(data_paths[k]).resolve()) if k in data_paths else None for k in keys}
+    given = data_paths.as_dict()
+    wanted = {k: str(Path(given[k]).resolve()) if k in given else None for k in keys}
     if any(state["data"].get(k) != v for k, v in wanted.items()):
         return None
     last = state["history"][-1]
@@ -163,7 +160,7 @@ def recorded_figures(checkpoint: str | None, data_paths: dict) -> dict | None:
     return figures if complete else None
 
 
-def evaluate_teacher(space, data_paths: dict, checkpoint: str | None) -> dict:
+def evaluate_teacher(space: SweepSpace, data_paths: DataPaths, checkpoint: str | None) -> dict:
     """The teacher's COCO figures on the validation set (the report's teacher row): those its
     checkpoint recorded on the same validation set, else a fresh evaluation as a Ray task."""
     figures = recorded_figures(checkpoint, data_paths)

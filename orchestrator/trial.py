@@ -1,15 +1,17 @@
-"""One Tune trial = one Ray Train run of ``dmkd.train.fit`` over ``num_workers`` DDP workers.
+"""The trainable: one Tune trial = one Ray Train run of ``dmkd.engine.fit`` over ``num_workers`` DDP
+workers, and what a trial receives (its values from Tune, and the experiment's :class:`TrialSetup`).
 
 ``run_trial`` is the small driver function Tune calls; it builds a ``TorchTrainer`` whose workers run
 ``train_worker``. Every rank calls ``ray.train.report`` once per epoch (it is a barrier); only rank 0
 attaches the checkpoint folder, which holds ``checkpoint.pt``, ``metrics.json`` and, after the last
-epoch, ``attention.png``.
+epoch, the method's picture (``attention.png``, DMKD's).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -19,30 +21,46 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dmkd.config import to_dict
-from dmkd.distillers import detector_family
 from dmkd.checkpoint import CHECKPOINT_NAME
+from dmkd.config import DataPaths, TrainConfig, to_dict
+from dmkd.distillers import detector_family, method_parameters, picture_of
+from dmkd.engine import Data, fit, load_data
+from dmkd.metrics import BEST_VAL_AP, VAL_AP, read_metrics
 from dmkd.pairing import build_distillation
-from dmkd.train import TrainConfig, fit, load_data
-from orchestrator.rows import Row, TrialSetup
+from orchestrator.grid import Row
+from orchestrator.space import SweepSpace
 
-ATTENTION_PNG = "attention.png"
+PICTURE_PNG = "attention.png"
 
 
-def _render_attention_png(cfg: TrainConfig, data, teacher, folder: Path) -> None:
-    """The teacher's attention and mask on the first validation image (DMKD-family methods only), from
-    the data and teacher the trial already holds."""
-    if not cfg.method.startswith("dmkd") or teacher is None:
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one experiment receives beside its own values."""
+
+    teacher_checkpoint: str | None
+    data_paths: DataPaths
+    train_storage: str  # where Ray Train keeps the trial's checkpoints
+    env_vars: dict = field(default_factory=dict)
+
+    def stored_in(self, train_storage: str) -> TrialSetup:
+        return dataclasses.replace(self, train_storage=train_storage)
+
+    def without_test(self) -> TrialSetup:
+        """The setup of a trial that selects (a sweep's, a tuning run's): it never sees the test split."""
+        return dataclasses.replace(self, data_paths=self.data_paths.without_test())
+
+
+def _draw_picture(cfg: TrainConfig, data: Data, teacher, folder: Path) -> None:
+    """The method's own picture of the run (DMKD: the teacher's attention and masks) on the first
+    validation image, from the data and teacher the trial already holds; nothing for other methods."""
+    picture = picture_of(cfg.method)
+    if picture is None or teacher is None:
         return
-    from dmkd.distillers import method_parameters
-    from dmkd.visualize import render_attention
-
     image, _ = data.val[0]
     device = next(teacher.parameters()).device
     features = {k: v.cpu() for k, v in teacher([image.to(device)]).items()}  # TeacherFeatures runs under no_grad
-    params = {**method_parameters(cfg.method), **cfg.distill}  # the loss's own defaults: one source
-    render_attention(image, features, folder / ATTENTION_PNG, temperature=params["temperature"],
-                     spatial_ratio=params["spatial_ratio"], mask_mode=params["mask_mode"], masked=params["masked"])
+    params = {**method_parameters(cfg.method, detector_family(cfg.detector.arch)), **cfg.distill}
+    picture(image, features, params, folder / PICTURE_PNG)
 
 
 def train_worker(config: dict) -> None:
@@ -57,25 +75,25 @@ def train_worker(config: dict) -> None:
             if (Path(folder) / CHECKPOINT_NAME).is_file():
                 resume_from = local.with_name(local.name + "-resume.pt")  # beside, not inside, the checkpoint folder
                 shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
-                recorded = json.loads((Path(folder) / "metrics.json").read_text())
+                recorded = read_metrics(folder)
                 resumed_epoch = recorded["final"]["epoch"]
-                best = [e["val/AP"] for e in recorded["epochs"] if "val/AP" in e]
+                best = [e[VAL_AP] for e in recorded["epochs"] if VAL_AP in e]
     node = ray.get_runtime_context().get_node_id()
     data = load_data(cfg)  # loaded once: the loop and the attention picture share data and teacher
     teacher, distiller = build_distillation(cfg, data.train.num_classes) if cfg.method != "none" else (None, None)
 
     def report(epoch: int, metrics: dict, written: Path | None) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if "val/AP" in metrics:
-            best.append(metrics["val/AP"])
+        if VAL_AP in metrics:
+            best.append(metrics[VAL_AP])
         if best:
-            metrics["val/AP_best"] = max(best)  # the best epoch so far (its checkpoint may not be kept)
+            metrics[BEST_VAL_AP] = max(best)  # the best epoch so far (its checkpoint may not be kept)
         metrics.update(resumed_from_epoch=resumed_epoch, node_id=node)
         if written is None:
             ray.train.report(metrics, checkpoint=None)
             return
         if epoch == cfg.epochs:
-            _render_attention_png(cfg, data, teacher, local)
+            _draw_picture(cfg, data, teacher, local)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(local)))
 
     try:
@@ -87,60 +105,20 @@ def train_worker(config: dict) -> None:
             resume_from.unlink(missing_ok=True)
 
 
-def trial_dirname(trial) -> str:
-    """Tune's trial folder: ``run_trial_<id>`` (Tune's default puts every parameter value in the name)."""
-    return f"run_trial_{trial.trial_id}"
-
-
-def trial_train_config(config: dict, *, space, setup: TrialSetup, rows: dict[str, Row] | None = None) -> TrainConfig:
+def trial_train_config(config: dict, *, space: SweepSpace, setup: TrialSetup,
+                       rows: dict[str, Row] | None = None) -> TrainConfig:
     """The TrainConfig of a trial. ``config`` holds the searched values (a sweep) or a grid ``row`` and
     ``seed`` (an ablation, whose rows map names to a method and its parameters)."""
     values = dict(config)
     seed = values.pop("seed", None)
     method = None
     if "row" in values:
+        if rows is None:
+            raise ValueError("a trial of a grid row needs the grid's rows")
         row = rows[values.pop("row")]
         method, values = row.method, {**row.params, **values}
     return space.train_config(values, method=method, seed=seed, out="unused",
                               teacher_checkpoint=setup.teacher_checkpoint, data_paths=setup.data_paths)
-
-
-def data_name(cfg: TrainConfig) -> str:
-    return Path(cfg.train_ann).stem if cfg.train_ann else "mini-benchmark"
-
-
-def flat_run_config(cfg: TrainConfig, *, space, row: str | None, versions: dict) -> dict:
-    """A trial as flat, stable keys: what a W&B workspace filters, groups and draws parallel
-    coordinates by. ``versions`` is :func:`dmkd.provenance.provenance`'s record."""
-    from dmkd.distillers import method_settings
-
-    flat = {"method": cfg.method, "row": row or cfg.method, "seed": cfg.seed, "pair": space.pair_name,
-            "data": data_name(cfg)}
-    flat.update({f"distill.{k}": list(v) if isinstance(v, tuple) else v
-                 for k, v in {**method_settings(cfg.method, detector_family(cfg.detector.arch)), **cfg.distill}.items()})
-    for role, detector in (("teacher", cfg.teacher if cfg.method != "none" else None), ("student", cfg.detector)):
-        if detector is not None:
-            flat.update({f"{role}.{k}": v for k, v in to_dict(detector).items() if k != "num_classes"})
-    flat.update({f"train.{k}": getattr(cfg, k) for k in ("epochs", "max_iters", "batch_size", "optimizer", "lr",
-                                                         "weight_decay", "warmup_iters", "grad_clip", "amp")})
-    flat["train.ddp_workers"] = space.resources.num_workers
-    flat["git_commit"] = versions.get("git_commit")
-    flat["python"] = versions.get("python")
-    flat.update({f"version.{k}": v for k, v in versions.get("packages", {}).items()})
-    return flat
-
-
-def run_name(cfg: TrainConfig, row: str | None) -> str:
-    """``dmkd alpha=2e-06 seed 0``: the row (or method), its first searchable parameter, the seed."""
-    from dmkd.distillers import method_settings, search_space
-
-    parts = [row or cfg.method]
-    key = next(iter(search_space(cfg.method)), None)
-    if key is not None:
-        value = cfg.distill.get(key, method_settings(cfg.method, detector_family(cfg.detector.arch)).get(key))
-        parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
-    parts.append(f"seed {cfg.seed}")
-    return " ".join(parts)
 
 
 class TrainerWithoutDatasets(TorchTrainer):
@@ -157,7 +135,7 @@ class TrainerWithoutDatasets(TorchTrainer):
         return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
 
 
-def run_trial(config: dict, *, space, setup: TrialSetup, rows: dict[str, Row] | None = None) -> None:
+def run_trial(config: dict, *, space: SweepSpace, setup: TrialSetup, rows: dict[str, Row] | None = None) -> None:
     """The Tune trainable (see :func:`trial_train_config` for ``config``); ``space`` (a SweepSpace),
     ``setup`` (teacher checkpoint, data paths, Train storage) and ``rows`` arrive through
     ``tune.with_parameters``. A deterministic Train run name per trial lets a restored sweep find the

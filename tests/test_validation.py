@@ -7,13 +7,12 @@ import stat
 import pytest
 import torch
 
-from dmkd import cli, evaluate, split
-from orchestrator import ablate, report, sweep
-
-
-@pytest.fixture
-def coco(small_coco):
-    return small_coco
+from dmkd import evaluate, split
+from dmkd import train as cli
+from dmkd.config import TrainConfig
+from dmkd.train import ROLE_DEFAULTS
+from orchestrator import ablate, sweep
+from orchestrator.report import __main__ as report
 
 
 def _train_args(coco, out, *extra):
@@ -42,9 +41,9 @@ def _coco_with(tmp_path, coco, change) -> str:
     (lambda d: d["annotations"][0].update(bbox=["2", "2", "10", "10"]), "annotations[0].bbox must be [x, y, width, height] of numbers"),
     (lambda d: d.update(annotations="none"), "field 'annotations' must be a list, but got str"),  # class 5: said so
 ])
-def test_wrong_json_types_in_annotations(tmp_path, coco, capsys, change, expected):
-    ann = _coco_with(tmp_path, coco, change)
-    assert cli.main(_train_args((ann, coco[1]), tmp_path / "out")) == 2
+def test_wrong_json_types_in_annotations(tmp_path, small_coco, capsys, change, expected):
+    ann = _coco_with(tmp_path, small_coco, change)
+    assert cli.main(_train_args((ann, small_coco[1]), tmp_path / "out")) == 2
     _one_line(capsys, expected)
     assert not (tmp_path / "out").exists()
 
@@ -54,33 +53,33 @@ def test_wrong_json_types_in_annotations(tmp_path, coco, capsys, change, expecte
     ([{"image_id": 1, "category_id": 1, "bbox": "1 2 3 4", "score": 1}], "[0].bbox must be [x, y, width, height]"),
     ([{"image_id": "1", "category_id": 1, "bbox": [1, 2, 3, 4], "score": 1}], "[0].image_id must be an integer, but got '1'"),
 ])
-def test_wrong_json_types_in_results(tmp_path, coco, capsys, results, expected):
+def test_wrong_json_types_in_results(tmp_path, small_coco, capsys, results, expected):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
-    assert evaluate.main(["--ann", str(coco[0]), "--results", str(path)]) == 2
+    assert evaluate.main(["--ann", str(small_coco[0]), "--results", str(path)]) == 2
     _one_line(capsys, expected)
 
 
-def test_bad_numbers_and_checkpoints(tmp_path, coco, capsys):
-    assert cli.main(_train_args(coco, tmp_path / "a", "--workers", "-1")) == 2
+def test_bad_numbers_and_checkpoints(tmp_path, small_coco, capsys):
+    assert cli.main(_train_args(small_coco, tmp_path / "a", "--workers", "-1")) == 2
     _one_line(capsys, "num_workers: must be 0")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    assert cli.main(_train_args(coco, tmp_path / "b", "--method", "dmkd", "--teacher-checkpoint", str(garbage))) == 2
+    assert cli.main(_train_args(small_coco, tmp_path / "b", "--method", "dmkd", "--teacher-checkpoint", str(garbage))) == 2
     _one_line(capsys, "garbage.pt: not a readable torch checkpoint")
     (tmp_path / "c").mkdir()
     torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "c" / "checkpoint.pt")  # a state dict, not a training run
-    assert cli.main(_train_args(coco, tmp_path / "c", "--resume")) == 2
+    assert cli.main(_train_args(small_coco, tmp_path / "c", "--resume")) == 2
     _one_line(capsys, "not a dmkd.train checkpoint to resume from")
-    assert cli.main(_train_args(coco, tmp_path / "d", "--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "c" / "checkpoint.pt"))) == 2
+    assert cli.main(_train_args(small_coco, tmp_path / "d", "--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "c" / "checkpoint.pt"))) == 2
     _one_line(capsys, "weights do not fit this detector")
     assert not any((tmp_path / name).exists() for name in ("a", "b", "d"))
 
 
-def test_existing_files_where_folders_belong(tmp_path, coco, capsys):
+def test_existing_files_where_folders_belong(tmp_path, small_coco, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert cli.main(_train_args(coco, a_file)) == 2
+    assert cli.main(_train_args(small_coco, a_file)) == 2
     _one_line(capsys, "out: ")
     assert cli.main(["--data-dir", str(a_file), "--out", str(tmp_path / "o")]) == 2
     _one_line(capsys, "data_dir: ")
@@ -89,12 +88,12 @@ def test_existing_files_where_folders_belong(tmp_path, coco, capsys):
     assert a_file.read_text() == "x"
 
 
-def test_a_non_finite_loss_from_the_command_line(tmp_path, coco, capsys):
+def test_a_non_finite_loss_from_the_command_line(tmp_path, small_coco, capsys):
     teacher = tmp_path / "teacher.pt"
     from dmkd.models import DetectorConfig, build_detector
 
     torch.save({"model": build_detector(DetectorConfig(num_classes=2, image_size=64)).state_dict()}, teacher)
-    assert cli.main(_train_args(coco, tmp_path / "o", "--method", "dmkd", "--teacher-checkpoint", str(teacher),
+    assert cli.main(_train_args(small_coco, tmp_path / "o", "--method", "dmkd", "--teacher-checkpoint", str(teacher),
                                   "--teacher-backbone", "resnet18", "--distill", "alpha=1e300")) == 2
     _one_line(capsys, "loss became inf at step 0")
 
@@ -111,40 +110,40 @@ def test_corrupt_experiment_records(tmp_path, capsys):
 
 
 # class 3: what used to be accepted silently
-def test_silent_acceptance_is_an_error(tmp_path, coco, capsys):
-    invalid = _coco_with(tmp_path, coco, lambda d: d["annotations"][0].update(bbox=[40, 40, 5, 5]))
-    assert cli.main(_train_args((invalid, coco[1]), tmp_path / "a")) == 2
+def test_silent_acceptance_is_an_error(tmp_path, small_coco, capsys):
+    invalid = _coco_with(tmp_path, small_coco, lambda d: d["annotations"][0].update(bbox=[40, 40, 5, 5]))
+    assert cli.main(_train_args((invalid, small_coco[1]), tmp_path / "a")) == 2
     _one_line(capsys, "every one of its 1 boxes has zero width or height or lies outside its image")
-    duplicate = _coco_with(tmp_path, coco, lambda d: d["images"].append(dict(d["images"][0])))
-    assert cli.main(_train_args((duplicate, coco[1]), tmp_path / "b")) == 2
+    duplicate = _coco_with(tmp_path, small_coco, lambda d: d["images"].append(dict(d["images"][0])))
+    assert cli.main(_train_args((duplicate, small_coco[1]), tmp_path / "b")) == 2
     _one_line(capsys, "images[1].id 1 appears twice")
-    assert cli.main(_train_args(coco, tmp_path / "c", "--distill", "alpha=1")) == 2
+    assert cli.main(_train_args(small_coco, tmp_path / "c", "--distill", "alpha=1")) == 2
     _one_line(capsys, "--distill: only means something with --method")
-    assert cli.main(_train_args(coco, tmp_path / "d", "--resume")) == 2
+    assert cli.main(_train_args(small_coco, tmp_path / "d", "--resume")) == 2
     _one_line(capsys, "--resume: ")
     teacher = tmp_path / "t.pt"
     teacher.write_bytes(b"")
-    assert cli.main(_train_args(coco, tmp_path / "e", "--method", "mgd", "--teacher-checkpoint", str(teacher),
+    assert cli.main(_train_args(small_coco, tmp_path / "e", "--method", "mgd", "--teacher-checkpoint", str(teacher),
                                   "--distill", "alpha=-2e-5")) == 2
     _one_line(capsys, "alpha must be a finite number >= 0")
     assert not any((tmp_path / name).exists() for name in "abcde")
 
 
 # class 4: nothing of a finished run is overwritten by a run that then fails validation
-def test_a_failing_rerun_leaves_the_finished_run_alone(tmp_path, coco, capsys):
+def test_a_failing_rerun_leaves_the_finished_run_alone(tmp_path, small_coco, capsys):
     out = tmp_path / "run"
-    assert cli.main(_train_args(coco, out)) == 0
+    assert cli.main(_train_args(small_coco, out)) == 0
     capsys.readouterr()
     before = {name: (out / name).read_bytes() for name in ("run.json", "checkpoint.pt", "metrics.json")}
     from dmkd.models import DetectorConfig, build_detector
 
     teacher = tmp_path / "teacher.pt"
     torch.save({"model": build_detector(DetectorConfig(num_classes=2, image_size=64)).state_dict()}, teacher)
-    assert cli.main(_train_args(coco, out, "--method", "dmkd", "--teacher-checkpoint", str(teacher),
+    assert cli.main(_train_args(small_coco, out, "--method", "dmkd", "--teacher-checkpoint", str(teacher),
                                   "--teacher-backbone", "resnet18", "--distill", "alpah=1e-5")) == 2
     _one_line(capsys, "distill.alpah: not a parameter of method 'dmkd'")
-    missing = _coco_with(tmp_path, coco, lambda d: d["images"].append({"id": 2, "file_name": "gone.png"}))
-    assert cli.main(_train_args(coco, out, "--val-ann", missing)) == 2
+    missing = _coco_with(tmp_path, small_coco, lambda d: d["images"].append({"id": 2, "file_name": "gone.png"}))
+    assert cli.main(_train_args(small_coco, out, "--val-ann", missing)) == 2
     _one_line(capsys, "gone.png: image file not found (1 of the 2 images")
     assert {name: (out / name).read_bytes() for name in before} == before
 
@@ -179,4 +178,10 @@ def test_help_texts(capsys):
         cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "fcos, retinanet, fasterrcnn" in text and "dmkd_spatial" in text and "resnet10_quarter" in text
-    assert text.count("default") >= 10
+    # the defaults the help states are the ones a run takes (a changed default must change its help)
+    defaults = TrainConfig()
+    assert f"peak learning rate (default: {defaults.lr})" in text
+    assert f"images per step and process (default: {defaults.batch_size})" in text
+    assert (f"epochs to train (default: {ROLE_DEFAULTS['teacher']['epochs']} teacher, "
+            f"{ROLE_DEFAULTS['student']['epochs']} student)") in text
+    assert f"default: {defaults.optimizer}" in text and f"(default: {defaults.seed})" in text

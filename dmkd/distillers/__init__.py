@@ -18,8 +18,16 @@ from functools import partial
 from torch import nn
 
 from dmkd.distillers import dmkd
-from dmkd.distillers.base import (FAMILIES, Composite, DistillContext, DistillInputs, HeadLevel, MultiLevel, Published,
-                                  detector_family)
+from dmkd.distillers.base import (
+    FAMILIES,
+    Composite,
+    DistillContext,
+    DistillInputs,
+    HeadLevel,
+    MultiLevel,
+    Published,
+    detector_family,
+)
 from dmkd.distillers.crosskd import CrossKDLoss, check_detectors
 from dmkd.distillers.dmkd import DMKDLoss
 from dmkd.distillers.fgd import FGDLoss
@@ -84,6 +92,26 @@ def published(method: str, family: str) -> dict[str, Published]:
         if setting is not None:
             found[part] = setting
     return found
+
+
+def _module_attribute(part: str, name: str, default=None):
+    factory = _factories()[part]
+    return getattr(inspect.getmodule(factory.func), name, default) if factory else default
+
+
+def is_baseline(method: str) -> bool:
+    """Whether a table counts ``method`` among the baselines (a module declares ``BASELINE = False`` for
+    the method under study; a joined method is a baseline only if all its parts are)."""
+    check_method(method)
+    return method != "none" and all(_module_attribute(part, "BASELINE", True) for part in parts(method))
+
+
+def picture_of(method: str):
+    """The function that draws a method's picture of a run (``attention_picture(image, teacher_features,
+    params, path)`` in its module), or None for a method without one."""
+    check_method(method)
+    return next((_module_attribute(part, "attention_picture") for part in parts(method)
+                 if _module_attribute(part, "attention_picture")), None)
 
 
 def method_parameters(method: str, family: str | None = None) -> dict[str, object]:
@@ -204,5 +232,5 @@ def build_distiller(method: str, student_channels: int, teacher_channels: int, l
 
 __all__ = ["FAMILIES", "HEAD_METHODS", "METHODS", "SEARCH_SPACES", "Composite", "CrossKDLoss", "DistillContext", "DistillInputs",
            "DMKDLoss", "FGDLoss", "FitNetLoss", "HeadLevel", "MGDLoss", "MultiLevel", "PKDLoss", "build_distiller",
-           "Published", "check_method", "check_pair", "check_parameters", "detector_family", "method_parameters",
-           "method_settings", "needs_head", "parts", "published", "search_space"]
+           "Published", "check_method", "check_pair", "check_parameters", "detector_family", "is_baseline", "method_parameters",
+           "method_settings", "needs_head", "parts", "picture_of", "published", "search_space"]

@@ -24,6 +24,7 @@ from torch import nn
 from dmkd.distillers.attention import MASK_MODES, MASKED_SIDES, attention_mask, channel_attention, spatial_attention
 from dmkd.distillers.base import DistillContext, Published, aligner, check_temperature, check_weight, generation_block
 
+BASELINE = False  # the method this project studies: the other distillers are its baselines in a table
 BRANCHES = ("spatial", "channel")
 FUSIONS = ("learned", "fixed")
 CHANNEL_MASKS = ("after_align", "before_align")
@@ -43,6 +44,15 @@ SEARCH = {"alpha": {"type": "loguniform", "low": 1e-8, "high": 1e-4},
           "temperature": {"type": "uniform", "low": 0.2, "high": 1.0},
           "spatial_ratio": {"type": "uniform", "low": 0.3, "high": 0.9},
           "channel_ratio": {"type": "uniform", "low": 0.3, "high": 0.9}}
+
+
+def attention_picture(image: torch.Tensor, teacher_features: dict, params: dict, path) -> None:
+    """The teacher's attention and the masks it guides on one image (a trial's W&B run shows it);
+    ``params`` are the run's loss settings, defaults included."""
+    from dmkd.visualize import render_attention  # matplotlib, only when a picture is drawn
+
+    render_attention(image, teacher_features, path, temperature=params["temperature"],
+                     spatial_ratio=params["spatial_ratio"], mask_mode=params["mask_mode"], masked=params["masked"])
 
 
 def mask_overlap(mask: torch.Tensor) -> float | None:

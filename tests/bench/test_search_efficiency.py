@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from bench.search_efficiency import Lookup, OptunaProposer, compute_to_reach, load_table, replay, rung_correlations
-from orchestrator.space import DEFAULT_SPACE, load_space
+from orchestrator.space import DEFAULT_SPACE
+from orchestrator.space_file import load_space
 
 # val AP per epoch, two seeds each: B is best at the end; C leads after epoch 1, then collapses
 CURVES = {0: {"alpha": 1e-6, "seeds": [[0.10, 0.20, 0.30], [0.12, 0.22, 0.32]]},
@@ -110,7 +111,7 @@ def test_a_table_must_hold_the_space_parameters(tmp_path):
 
 def test_the_table_generator_writes_a_grid_the_ablation_runner_accepts(tmp_path):
     from bench.search_table import sobol_points, write_grid
-    from orchestrator.ablate import load_grid
+    from orchestrator.grid import load_grid
 
     space = load_space(DEFAULT_SPACE)
     points = sobol_points(space.search, 8)

@@ -2,13 +2,13 @@ import contextlib
 import io
 import json
 import subprocess
-import sys
 
 import pytest
 
 from dmkd.data import load_coco
 from dmkd.evaluate import METRIC_NAMES, coco_evaluate
 from tests.conftest import write_coco
+from tests.helpers import run_module
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_no_predictions_give_zero(ground_truth):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dmkd.evaluate", *args], capture_output=True, text=True)
+    return run_module("dmkd.evaluate", *args)
 
 
 def _main(*args):

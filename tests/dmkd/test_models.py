@@ -29,11 +29,18 @@ def test_each_architecture_trains_and_predicts(arch, levels):
 
 
 def test_backbones_have_the_expected_widths():
-    for name in ("resnet18", "resnet50", "resnet10_half"):
+    """What the features really are, from a forward pass: the FPN's width on every level, fed by the body's
+    last stage at its own width (512 for a ResNet-18, 2048 for a ResNet-50, 256 for the half-width ResNet-10)."""
+    from dmkd.models import feature_shapes
+
+    for name, last_stage in (("resnet18", 512), ("resnet50", 2048), ("resnet10_half", 256), ("resnet10_quarter", 128)):
         detector = build_detector(DetectorConfig(backbone=name, fpn_channels=64, image_size=64))
-        assert detector.backbone.out_channels == 64
+        shapes = feature_shapes(detector, 64)
+        assert {shape[0] for shape in shapes.values()} == {64} and len(shapes) == 5
+        with torch.no_grad():
+            body = detector.backbone.body(torch.rand(1, 3, 64, 64))
+        assert list(body.values())[-1].shape[1] == last_stage
     resnet50 = build_detector(DetectorConfig(backbone="resnet50", image_size=64))
-    assert resnet50.backbone.fpn.inner_blocks[-1][0].in_channels == 2048
     assert not any("Frozen" in type(m).__name__ for m in resnet50.modules())
 
 

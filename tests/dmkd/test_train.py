@@ -12,15 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dmkd.config import to_dict
+from dmkd.config import TrainConfig, to_dict
+from dmkd.engine import fit
 from dmkd.models import DetectorConfig
-from dmkd.train import TrainConfig, fit
-
-TINY = DetectorConfig(backbone="resnet10_quarter", fpn_channels=64, image_size=96, head_convs=1)
+from tests.helpers import TINY_DETECTOR as TINY
+from tests.helpers import run_module
 
 
 def _config(mini_data, out, **overrides) -> TrainConfig:
-    values = dict(**mini_data, out=str(out), detector=TINY, epochs=2, max_iters=3, batch_size=4,
+    values = dict(data=mini_data, out=str(out), detector=TINY, epochs=2, max_iters=3, batch_size=4,
                   warmup_iters=2, seed=3)
     values.update(overrides)
     return TrainConfig(**values)
@@ -35,7 +35,6 @@ def _stop_after_first_epoch(epoch, metrics, path):
         raise _Interrupt
 
 
-@pytest.mark.slow
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(mini_data, tmp_path):
     straight = fit(_config(mini_data, tmp_path / "straight"), progress=False)
     with pytest.raises(_Interrupt):
@@ -56,7 +55,6 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(mini_data, tmp_path
     assert [e["epoch"] for e in history] == [1, 2]
 
 
-@pytest.mark.slow
 def test_outputs_are_written_and_reproducible(mini_data, tmp_path):
     first = fit(_config(mini_data, tmp_path / "a", epochs=1), progress=False)
     second = fit(_config(mini_data, tmp_path / "b", epochs=1), progress=False)
@@ -99,8 +97,8 @@ class _Oracle(torch.nn.Module):
 
 
 def _ddp_worker(rank, world, port, config_dict, results):
+    from dmkd.engine import load_data
     from dmkd.evaluate import evaluate_detector
-    from dmkd.train import load_data
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -116,7 +114,6 @@ def _ddp_worker(rank, world, port, config_dict, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_two_process_gloo_ddp(mini_data, tmp_path):
     cfg = _config(mini_data, tmp_path / "ddp", epochs=1, max_iters=2, batch_size=2)
     manager = mp.Manager()
@@ -133,13 +130,12 @@ def test_two_process_gloo_ddp(mini_data, tmp_path):
     assert {p["image_id"] for p in predictions} <= set(range(1, 17))
 
 
-@pytest.mark.slow
 def test_torchrun_trains_one_run_over_two_processes(mini_data, tmp_path):
     out = tmp_path / "torchrun"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(_free_port()), "-m", "dmkd.train", "--role", "student", "--epochs", "1", "--max-iters", "2",
                           "--batch-size", "2", "--image-size", "64", "--out", str(out),
-                          *[f"--{k.replace('_', '-')}={v}" for k, v in mini_data.items()]],
+                          *[f"--{k.replace('_', '-')}={v}" for k, v in mini_data.as_dict().items()]],
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -151,13 +147,12 @@ def test_torchrun_trains_one_run_over_two_processes(mini_data, tmp_path):
 
 def _train_cli(*args):
     """``python -m dmkd.train ARGS`` as its own process (what a user runs)."""
-    return subprocess.run([sys.executable, "-m", "dmkd.train", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    return run_module("dmkd.train", *args)
 
 
 def _train_main(*args):
     """The same command line in this process (no interpreter start-up per case): exit code and output."""
-    from dmkd.cli import main
+    from dmkd.train import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -210,7 +205,6 @@ def test_cli_needs_all_four_data_paths(tmp_path, small_coco):
     assert run.returncode == 2 and "give all of train_ann" in run.stderr
 
 
-@pytest.mark.slow
 def test_dmkd_training_lowers_the_distill_loss(mini_data, tmp_path):
     from dmkd.models import build_detector
 
@@ -262,15 +256,14 @@ def test_atomic_writes_leave_the_previous_file_when_interrupted(tmp_path):
     assert torch.load(checkpoint, weights_only=True) == {"step": 1}
 
 
-@pytest.mark.slow
 def test_a_checkpoint_records_the_figures_of_its_last_evaluation(mini_data, tmp_path):
     """The sweep's teacher row reuses these instead of evaluating again: they must equal a fresh evaluation,
     and count only for the validation set they were measured on."""
     import dataclasses
 
-    from dmkd.models import build_detector, load_weights
+    from dmkd.engine import load_data
     from dmkd.evaluate import evaluate_detector
-    from dmkd.train import load_data
+    from dmkd.models import build_detector, load_weights
     from orchestrator.teacher import recorded_figures
 
     cfg = _config(mini_data, tmp_path / "t", epochs=1)
@@ -284,8 +277,8 @@ def test_a_checkpoint_records_the_figures_of_its_last_evaluation(mini_data, tmp_
     assert recorded_figures(checkpoint, mini_data) == {**{f"val/{k}": v for k, v in fresh.items()},
                                                        **{f"test/{k}": v for k, v in held_out.items()}}
     assert fresh != held_out  # two splits, two sets of figures
-    assert recorded_figures(checkpoint, {**mini_data, "val_ann": mini_data["train_ann"]}) is None
-    assert recorded_figures(checkpoint, {**mini_data, "test_ann": mini_data["val_ann"]}) is None
+    assert recorded_figures(checkpoint, dataclasses.replace(mini_data, val_ann=mini_data.train_ann)) is None
+    assert recorded_figures(checkpoint, dataclasses.replace(mini_data, test_ann=mini_data.val_ann)) is None
     plain = tmp_path / "weights.pt"
     torch.save(detector.state_dict(), plain)
     assert recorded_figures(str(plain), mini_data) is None

@@ -11,9 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.sweep_helpers import study, sweep_command, sweep_env, tiny_space, tune_results, wandb_run_record, wandb_summary
+from tests.helpers import command_env, study, sweep_command, tiny_space, tune_results, wandb_run_record, wandb_summary
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
 
 def _wait_for(condition, timeout: float, what: str):
@@ -50,7 +50,7 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(tmp_path, mini_d
     storage = tmp_path / "exp"
     experiment = storage / "tiny"
     process = subprocess.Popen(sweep_command(space, storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=sweep_env(tmp_path))
+                               text=True, env=command_env(tmp_path))
     try:
         # once Tune has the first epoch's result, its checkpoint is committed
         _wait_for(lambda: any(tune_results(experiment).values()), 600, "the first epoch's result")
@@ -118,7 +118,7 @@ def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_
     def run_until(count: int, log: Path, stop) -> dict:
         with log.open("w") as handle:  # a file, not a pipe: nobody reads a pipe while the sweep runs
             process = subprocess.Popen(sweep_command(space, storage), stdout=handle, stderr=subprocess.STDOUT,
-                                       env=sweep_env(tmp_path))
+                                       env=command_env(tmp_path))
             try:
                 state = _wait_for(lambda: finished_and_running(count), 600, f"{count} finished trial(s) and one running")
                 stop(process)
@@ -137,11 +137,11 @@ def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_
     assert "continuing" in (tmp_path / "killed.log").read_text()
 
     run = subprocess.run(sweep_command(space, storage, "--resume"), capture_output=True, text=True,
-                         env=sweep_env(tmp_path), timeout=900)
+                         env=command_env(tmp_path), timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     final = tune_results(experiment)
     assert len(final) == 2 and all(h[-1]["epoch"] == epochs for h in final.values())
-    for trial_id, history in final.items():
+    for history in final.values():
         assert [r["epoch"] for r in history].count(epochs) == 1  # finished once, never trained again
     # (Tune keeps a restored trial's result.json lines from its new session only: the lines before the
     # cut are not all there afterwards, so the resumed_from_epoch records are what tells a resume.)
@@ -173,7 +173,7 @@ def test_a_nan_trial_fails_with_its_reason_after_the_configured_retries(tmp_path
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # this sweep's own Ray logs (short: socket paths)
     try:
         run = subprocess.run(sweep_command(space, storage), capture_output=True, text=True,
-                             env={**sweep_env(tmp_path), "RAY_TMPDIR": str(ray_tmp)}, timeout=900)
+                             env={**command_env(tmp_path), "RAY_TMPDIR": str(ray_tmp)}, timeout=900)
         attempts = [log.read_text().count("Attempting to start training worker group")
                     for log in ray_tmp.glob("**/logs/train/ray-train-app-controller-*.log")]
     finally:

@@ -1,18 +1,18 @@
 """Reading sweeps whose trials ran for different numbers of epochs, on hand-made trial records."""
 import pytest
 
-from orchestrator.fidelity import common_epoch, importances_at, rung_validity, value_at
+from orchestrator.report.fidelity import common_epoch, importances_at, rung_validity, value_at
+from orchestrator.report.records import StoredTrial
 
 
-def _trial(values: list[float], error=None, **config) -> dict:
+def _trial(values: list[float], error=None, **config) -> StoredTrial:
     """A trial that reported val/AP ``values`` after epochs 1, 2, ..."""
-    return {"config": config, "error": error,
-            "history": [{"epoch": i + 1, "val/AP": v} for i, v in enumerate(values)]}
+    return StoredTrial("t", config, [{"epoch": i + 1, "val/AP": v} for i, v in enumerate(values)], error)
 
 
 def test_value_at_reads_one_epoch_only():
     trial = _trial([0.1, 0.3])
-    assert value_at(trial["history"], "val/AP", 2) == 0.3 and value_at(trial["history"], "val/AP", 3) is None
+    assert value_at(trial.history, "val/AP", 2) == 0.3 and value_at(trial.history, "val/AP", 3) is None
 
 
 def test_common_epoch_is_the_largest_that_enough_trials_reached():

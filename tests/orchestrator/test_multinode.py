@@ -10,9 +10,9 @@ import pytest
 import torch
 from ray.cluster_utils import Cluster
 
-from tests.sweep_helpers import TINY, study, sweep_command, sweep_env, tiny_space, tune_results
+from tests.helpers import TINY, command_env, study, sweep_command, tiny_space, tune_results
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
 
 def test_sweep_on_a_two_node_cluster(tmp_path, mini_data):
@@ -32,7 +32,7 @@ def test_sweep_on_a_two_node_cluster(tmp_path, mini_data):
                                       "second_mode": "min"})
         storage = tmp_path / "exp"
         run = subprocess.run(sweep_command(space, storage, "--address", cluster.address), capture_output=True,
-                             text=True, env=sweep_env(tmp_path), timeout=900)
+                             text=True, env=command_env(tmp_path), timeout=900)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         experiment = storage / "tiny"
 

@@ -3,7 +3,6 @@ checked against the stored trial results."""
 import csv
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -15,14 +14,15 @@ import yaml
 
 from dmkd.distillers import SEARCH_SPACES
 from dmkd.errors import UserError
-from orchestrator.ablate import load_grid
-from orchestrator.reference import ensure_references, reference_cache, reference_folder
-from orchestrator.rows import TrialSetup
-from orchestrator.runner import data_paths
-from orchestrator.report import ablation_markdown, ablation_table, paired_difference, pairing_check, summarize
-from tests.sweep_helpers import TINY, tiny_teacher
+from orchestrator.experiment import data_paths
+from orchestrator.grid import load_grid
+from orchestrator.reference import ensure_references, reference_folder
+from orchestrator.report.ablation import ablation_markdown, ablation_table, pairing_check
+from orchestrator.report.records import StoredTrial
+from orchestrator.report.stats import holm, paired_difference, summarize
+from orchestrator.trial import TrialSetup
+from tests.helpers import ROOT, TINY, command_env, run_module, tiny_teacher
 
-ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,8 +58,6 @@ def test_paired_difference_against_hand_computed_values():
 
 
 def test_holm_adjustment_against_hand_computed_values():
-    from orchestrator.report import holm
-
     # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> kept monotone: 0.06 for the last
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     # the first README table's four comparisons against none: MGD's 0.047 does not survive the correction
@@ -74,20 +72,14 @@ def test_a_table_corrects_every_comparison_it_makes_and_shows_n():
                                                     ("dmkd", (0.50, 0.49, 0.57))) for seed, ap in enumerate(aps)]
     table = {e["row"]: e for e in ablation_table(trials, rows, budget=2)}
     comparisons = [table["mgd"]["delta_AP"], table["dmkd"]["delta_AP"], table["dmkd"]["delta_best_baseline"]]
-    adjusted = holm_of([c["p"] for c in comparisons])
+    adjusted = holm([c["p"] for c in comparisons])
     for comparison, expected in zip(comparisons, adjusted):
         assert comparison["p_holm"] == pytest.approx(expected) and comparison["family"] == 3
         assert comparison["significant"] == (expected < 0.05)
     assert any(c["p"] < 0.05 <= c["p_holm"] for c in comparisons)  # a raw "significant" the correction removes
     cell = ablation_markdown(list(table.values()), None, "test", "", {})
-    line = next(l for l in cell if l.startswith("| mgd |"))
+    line = next(text for text in cell if text.startswith("| mgd |"))
     assert "(n=3)" in line and "Holm" in line
-
-
-def holm_of(p_values):
-    from orchestrator.report import holm
-
-    return holm(p_values)
 
 
 def test_identical_differences_get_the_exact_sign_flip_p_value_not_zero():
@@ -127,7 +119,7 @@ def test_bad_grids_name_file_and_key(tmp_path):
 def _trial(row, seed, ap=None, error=None, init=7):
     history = [] if ap is None else [{"epoch": 1, "val/AP": ap / 2, "pairing/student_init": init},
                                      {"epoch": 2, "val/AP": ap, "test/AP": ap - 0.01, "test/APl": -1.0}]
-    return {"trial_id": f"{row}{seed}", "config": {"row": row, "seed": seed}, "history": history, "error": error}
+    return StoredTrial(f"{row}{seed}", {"row": row, "seed": seed}, history, error)
 
 
 def test_table_marks_failures_untuned_rows_and_broken_pairing():
@@ -152,7 +144,7 @@ def _grid(tmp_path, mini_data, grid: dict, name: str) -> Path:
     base = yaml.safe_load((ROOT / "search_spaces" / "default.yaml").read_text())
     base.update(name="base", max_concurrent=2, max_failures=0,
                 pair={"teacher": TINY, "student": TINY, "teacher_checkpoint": str(teacher), "train_teacher": False},
-                data={k: mini_data[k] for k in ("train_ann", "train_images", "val_ann", "val_images", "test_ann", "test_images")},
+                data=mini_data.as_dict(),
                 fixed={"batch_size": 4, "warmup_iters": 1}, budget={"epochs": 2, "max_iters": 2},
                 resources={"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1})
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -164,11 +156,9 @@ def _grid(tmp_path, mini_data, grid: dict, name: str) -> Path:
 def _ablation(tmp_path, mini_data, grid: dict, *extra: str, name: str = "abl"):
     """Run ``python -m orchestrator.ablate`` on the grid in its own process."""
     path = _grid(tmp_path, mini_data, grid, name)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline",
-           "WANDB_CONFIG_DIR": str(tmp_path / "wc"), "WANDB_CACHE_DIR": str(tmp_path / "wcache")}
-    run = subprocess.run([sys.executable, "-m", "orchestrator.ablate", "--grid", str(path),
-                          "--storage", str(tmp_path / "exp"), "--wandb", "offline", *extra],
-                         capture_output=True, text=True, env=env, timeout=900)
+    env = command_env(tmp_path)
+    run = run_module("orchestrator.ablate", "--grid", str(path), "--storage", str(tmp_path / "exp"), "--wandb", "offline",
+                     *extra, env=env)
     return run, tmp_path / "exp" / name, env
 
 
@@ -178,12 +168,12 @@ def _stored(experiment: Path) -> dict:
     for folder in experiment.glob("run_trial_*"):
         config = json.loads((folder / "params.json").read_text())
         results = folder / "result.json"
-        lines = [json.loads(l) for l in results.read_text().splitlines() if l.strip()] if results.is_file() else []
+        lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
         stored[(config["row"], config["seed"])] = lines
     return stored
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_data):
     run, experiment, env = _ablation(tmp_path, mini_data, {
         "seeds": 2, "tune": {"trials": 2, "epochs": 1},
@@ -221,7 +211,7 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     # the seeds ran at each row's chosen parameters, full budget, and evaluated the held-out test split
     stored = _stored(experiment)
     assert set(stored) == {(row, seed) for row in ("mgd", "dmkd") for seed in (0, 1)}
-    for (row, seed), lines in stored.items():
+    for lines in stored.values():
         assert lines[-1]["epoch"] == 2 and "test/AP" in lines[-1] and "test/AP" not in lines[0]
 
     # the reference row: trained once per seed through the trial machinery, cached outside the experiment
@@ -276,7 +266,7 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     # runs in this process, without Ray: a second `orchestrator.ablate` would cost a minute of the suite to
     # show the same thing.)
     other = load_grid(_grid(tmp_path, mini_data, {"seeds": 1, "rows": {"plain": {"method": "none"}}}, name="again"))
-    paths, cache_root = data_paths(other.space), reference_cache(str(tmp_path / "exp"))
+    paths, cache_root = data_paths(other.space), tmp_path / "exp" / "references"
     assert reference_folder(other.space, paths, cache_root) == cache
     said = []
     cached = ensure_references(other.space, other.seeds, TrialSetup(None, paths, "unused"), cache_root, log=said.append)
@@ -287,21 +277,25 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     # the pair table gives the teacher's AP on the split the rows are reported on
     teacher_file = experiment / "teacher.json"
     teacher_file.write_text(json.dumps({**json.loads(teacher_file.read_text()), "val/AP": 0.111, "test/AP": 0.222}))
-    again = subprocess.run([sys.executable, "-m", "orchestrator.report", str(experiment), "--out", str(tmp_path / "r2")],
-                           capture_output=True, text=True, env={**env, "WANDB_MODE": "disabled"}, timeout=300)
+    again = run_module("orchestrator.report", str(experiment), "--out", str(tmp_path / "r2"),
+                       env={**env, "WANDB_MODE": "disabled"}, timeout=300)
     assert again.returncode == 0, again.stderr
     reread = json.loads((tmp_path / "r2" / "report.json").read_text())
     assert reread["table"] == report["table"] and reread["pair"]["teacher"]["AP"] == 0.222
     rows = list(csv.DictReader((tmp_path / "r2" / "report.csv").open()))
     assert [r["row"] for r in rows] == ["none", "mgd", "dmkd"] and {r["split"] for r in rows} == {"test"}
-    assert float(rows[2]["delta_AP"]) == pytest.approx(table_delta := report["table"][2]["delta_AP"]["mean"]) and table_delta is not None
+    # the CSV's Δ is the one computed by hand from Tune's stored results, not only the JSON's copy
+    by_hand = statistics.fmean(test_ap["dmkd"][s] - test_ap["none"][s] for s in (0, 1))
+    assert float(rows[2]["delta_AP"]) == pytest.approx(by_hand, abs=1e-12)
+    assert float(rows[2]["delta_AP_n"]) == 2 and float(rows[2]["delta_AP_p_holm"]) >= float(rows[2]["delta_AP_p"])
 
 
 def test_sweep_report_reads_stopped_trials_at_one_epoch(tmp_path, monkeypatch):
     """A sweep's stored results (the files Tune and the sweep write), made by hand: five trials ran the
     3-epoch budget, five were stopped after epoch 1 and one never reported."""
-    from orchestrator.report import write_report
-    from orchestrator.space import DEFAULT_SPACE, describe, load_space
+    from orchestrator.report.publish import write_report
+    from orchestrator.space import DEFAULT_SPACE, describe
+    from orchestrator.space_file import load_space
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     experiment = tmp_path / "default"
@@ -334,3 +328,24 @@ def test_sweep_report_reads_stopped_trials_at_one_epoch(tmp_path, monkeypatch):
     markdown = (experiment / "report.md").read_text()
     assert "epoch 1 (stopped 5 trials): Spearman 1.00 over 5 completed trials" in markdown
     assert "| at epoch |" in markdown and (experiment / "param_scatter.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.ray
+def test_an_ablation_on_a_uri_storage_writes_nothing_beside_it(tmp_path, mini_data):
+    """A cloud storage (here a file:// URI: Tune writes through pyarrow as it would to s3://) gets Tune's
+    results and nothing else: no folder named after the URI in the working directory, no driver files
+    (ablation.json, the report) that would need a local folder, no reference cache."""
+    path = _grid(tmp_path, mini_data, {"seeds": 1, "tune": {"trials": 1, "epochs": 1},
+                                       "rows": {"mgd": {"method": "mgd"}}}, "abl")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    run = subprocess.run([sys.executable, "-m", "orchestrator.ablate", "--grid", str(path), "--storage",
+                          f"file://{tmp_path / 'bucket'}", "--wandb", "off"], capture_output=True, text=True,
+                         cwd=work, env=command_env(tmp_path), timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert list(work.iterdir()) == []  # nothing written where the command ran (no "file:" or "s3:" folder)
+    stored = tmp_path / "bucket" / "abl"
+    assert [p.name for p in (stored / "tune").iterdir()] == ["mgd"] and list(stored.glob("run_trial_*/result.json"))
+    assert not (stored / "ablation.json").exists() and not (stored / "report.md").exists()
+    assert not (tmp_path / "bucket" / "references").exists()
+    assert "sync it and run `python -m orchestrator.report`" in run.stdout

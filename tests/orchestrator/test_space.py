@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import optuna
 import pytest
@@ -8,7 +6,9 @@ import yaml
 
 from dmkd.errors import UserError
 from orchestrator.searcher import PruningAwareOptunaSearch
-from orchestrator.space import DEFAULT_SPACE, define_by_run, load_space, paper_default_point
+from orchestrator.space import DEFAULT_SPACE, define_by_run, paper_default_point
+from orchestrator.space_file import load_space
+from tests.helpers import run_module
 
 FCOS_COCO = "FCOS_ResNet50_FPN_Weights.COCO_V1"
 
@@ -23,12 +23,14 @@ def test_default_space_loads():
 
 
 def test_a_trial_config_for_wandb_is_flat_complete_and_named_for_people():
+    from dmkd.config import DataPaths
     from dmkd.provenance import provenance
-    from orchestrator.rows import Row, TrialSetup
-    from orchestrator.trial import flat_run_config, run_name, trial_train_config
+    from orchestrator.callbacks import flat_run_config, run_name
+    from orchestrator.grid import Row
+    from orchestrator.trial import TrialSetup, trial_train_config
 
     space = load_space(DEFAULT_SPACE)
-    setup = TrialSetup("t.pt", {}, "unused")
+    setup = TrialSetup("t.pt", DataPaths(), "unused")
     cfg = trial_train_config({"alpha": 3.1e-6, "temperature": 0.77215}, space=space, setup=setup)
     flat = flat_run_config(cfg, space=space, row=None, versions=provenance())
     assert flat["method"] == "dmkd" and flat["seed"] == 0 and flat["data"] == "mini-benchmark"
@@ -108,7 +110,7 @@ BAD = {
     "grace period too long": (lambda d: d["scheduler"].update(grace_period=3), "scheduler.grace_period: must be less than budget.epochs (3)"),
     "pair cannot be distilled": (lambda d: d["pair"]["student"].update(arch="fasterrcnn"),
                                  "pair: the teacher's FPN levels"),
-    "test without val": (lambda d: d["data"].update(test_ann="t.json", test_images="t"), "data.test_ann: give test_ann"),
+    "test without val": (lambda d: d["data"].update(test_ann="t.json", test_images="t"), "data: test_ann and test_images need the other four paths"),
     "unknown weights name": (lambda d: d["pair"]["student"].update(backbone_weights="ResNet18_Weights.IMAGENET9K"),
                              "pair.student.backbone_weights: 'ResNet18_Weights.IMAGENET9K' is not a torchvision weights name"),
     "weights file missing": (lambda d: d["pair"]["teacher"].update(weights="nowhere/teacher.pth"),
@@ -174,7 +176,7 @@ def test_conditional_parameters_follow_their_condition():
 def test_each_trial_records_whether_tpe_or_its_random_start_up_proposed_it(tmp_path):
     """The given first point, then TPE's random start-up until 2 trials finished, then TPE's model, whose
     relative sampling Optuna itself records on the trial (the constant liar shares it)."""
-    from orchestrator.report import origin_counts, search_label
+    from orchestrator.report.search import origin_counts, search_label
 
     space = load_space(DEFAULT_SPACE)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -214,7 +216,7 @@ def test_a_trial_stopped_early_is_pruned_in_the_study(tmp_path):
 
 
 def _sweep_cli(*args):
-    return subprocess.run([sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True)
+    return run_module("orchestrator.sweep", *args)
 
 
 def test_dry_run_prints_the_plan_without_ray(tmp_path):

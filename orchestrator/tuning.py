@@ -1,0 +1,111 @@
+"""Ray Tune as this project uses it: one factory for every Tuner (:func:`make_tuner`: a sweep's, an
+ablation's, the reference rows'), which continues a stored run of the same name or starts a new one;
+the Optuna searcher and the scheduler of a sweep; the status table; the loggers whose files the reports
+read; and the rule that nothing of an interrupted run is final."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from dmkd.metrics import BEST_VAL_AP, VAL_AP
+from orchestrator.searcher import PruningAwareOptunaSearch
+from orchestrator.space import Objective, SweepSpace, define_by_run, paper_default_point
+from orchestrator.storage import sqlite_url
+
+
+class StatusTable(tune.CLIReporter):
+    """Tune's status table with the columns a user of a sweep looks at: the searched parameters (or an
+    ablation's row and seed), the epoch, val AP now and at the trial's best epoch, the objective, and
+    the best trial so far; ``header`` names what runs (method and pair)."""
+
+    def __init__(self, header: str, objective: Objective, parameters: list[str]):
+        metrics = {"epoch": "epoch", VAL_AP: "val AP", BEST_VAL_AP: "best val AP"}
+        for metric in (objective.metric, objective.second_metric):
+            if metric and metric not in metrics:
+                metrics[metric] = metric
+        super().__init__(metric_columns=metrics, parameter_columns=parameters, metric=objective.metric,
+                         mode=objective.mode, max_report_frequency=30, max_column_length=12)
+        self._header = header
+
+    def report(self, trials, done, *sys_info):
+        super().report(trials, done, self._header, *sys_info)
+
+
+def trial_dirname(trial) -> str:
+    """Tune's trial folder: ``run_trial_<id>`` (Tune's default puts every parameter value in the name)."""
+    return f"run_trial_{trial.trial_id}"
+
+
+def tune_callbacks(*extra) -> list:
+    """Tune's JSON and CSV loggers (result.json and progress.csv, which the reports read) and ``extra``;
+    ``experiment.start_ray`` turns off the automatic loggers, whose TensorBoard files nothing here reads."""
+    return [JsonLoggerCallback(), CSVLoggerCallback(), *extra]
+
+
+def make_tuner(trainable: Callable, *, storage_path: str, name: str, header: str, objective: Objective,
+               columns: list[str], callbacks: list, param_space: dict | None = None, search_alg=None,
+               scheduler: TrialScheduler | None = None, num_samples: int = 1, max_concurrent: int = 1) -> tune.Tuner:
+    """The Tuner of run ``name`` under ``storage_path`` (a folder or a cloud URI): the stored one,
+    continued (errored and unfinished trials included), when it exists; else a new one. Every trial
+    fails for good on its first error (its worker restarts are the trainable's own), reports to the
+    status table with ``columns`` under ``header``, and writes what ``tune_callbacks`` keeps."""
+    path = f"{storage_path}/{name}"
+    if tune.Tuner.can_restore(path):
+        print(f"{header.split(':')[0]}: continuing {path}", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
+    if search_alg is not None:
+        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=None if search_alg is not None else max_concurrent,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=tune_callbacks(*callbacks),
+                                  progress_reporter=StatusTable(header, objective, columns),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+
+
+def build_searcher(space: SweepSpace, *, study_folder: Path | None, study_name: str,
+                   sampler_seed: int | None = None) -> PruningAwareOptunaSearch:
+    """Optuna's TPE over the space's search (seeded, its random start-up set by the space), the
+    published setting first; the study in ``study_folder/optuna.db`` (in memory without a folder)."""
+    objective = space.objective
+    metrics = [objective.metric] + ([objective.second_metric] if objective.second_metric else [])
+    modes = [objective.mode] + ([objective.second_mode] if objective.second_metric else [])
+    storage = None
+    if study_folder is not None:
+        study_folder.mkdir(parents=True, exist_ok=True)
+        storage = optuna.storages.RDBStorage(sqlite_url(study_folder / "optuna.db"))
+    point = paper_default_point(space)
+    sampler = PruningAwareOptunaSearch.tpe(space.seed if sampler_seed is None else sampler_seed, space.startup_trials)
+    return PruningAwareOptunaSearch(
+        space=define_by_run(space), metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=[point] if point else None, sampler=sampler,
+        storage=storage, study_name=study_name, full_epochs=space.budget.epochs, startup_trials=space.startup_trials)
+
+
+def build_scheduler(space: SweepSpace) -> TrialScheduler:
+    """ASHA on the objective by epoch, or none (every trial runs its whole budget)."""
+    if space.scheduler.type != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", metric=space.objective.metric, mode=space.objective.mode,
+                         max_t=space.budget.epochs, grace_period=space.scheduler.grace_period,
+                         reduction_factor=space.scheduler.reduction_factor)
+
+
+def was_interrupted(result_grid) -> bool:
+    """Tune returns normally when Ctrl-C stops an experiment: trials that neither finished nor failed
+    mean it was interrupted."""
+    return result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+
+
+def check_finished(result_grid, what: str) -> None:
+    """Nothing may be taken as final from an interrupted Tune run."""
+    if was_interrupted(result_grid):
+        raise KeyboardInterrupt(f"{what} was interrupted")
