@@ -1,9 +1,10 @@
 # The two commands of the README: `make run` and `make test`. Both create or update .venv first.
+# `make test-fast` runs the tests that start no Ray (the inner loop); `make lint` runs ruff and mypy.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test venv clean
+.PHONY: run test test-fast lint venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,13 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	WANDB_MODE=offline $(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	WANDB_MODE=offline $(PY) -m pytest -m "not ray"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs data experiments
