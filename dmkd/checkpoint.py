@@ -12,10 +12,14 @@ import torch
 from torch import nn
 
 from dmkd.errors import UserError, one_line
+from dmkd.identify import mismatch
 from dmkd.io import atomic_write
+from dmkd.models import DetectorConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "history", "rng")
+RESUME_FIX = ("resume with the settings it was written with (--arch/--backbone/--fpn-channels/--head-convs), "
+              "or leave out --resume to start a new run in another --out")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -42,10 +46,14 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, *, epoch
     atomic_write(path, lambda handle: torch.save(state, handle), mode="wb")
 
 
-def restore(state: dict, path: Path, model: nn.Module, optimizer, scheduler) -> tuple[int, int, list]:
-    """Load a checkpoint's weights, optimiser, schedule and generator; returns (epoch, step, history)."""
+def restore(state: dict, path: Path, model: nn.Module, optimizer, scheduler, wanted: DetectorConfig) -> tuple[int, int, list]:
+    """Load a checkpoint's weights, optimiser, schedule and generator; returns (epoch, step, history).
+    ``wanted`` is the detector this run builds (to say what differs when the weights do not fit)."""
     try:
         model.detector.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(mismatch(path, state["model"], wanted, "detector", RESUME_FIX)) from None
+    try:
         if model.distiller is not None and state.get("distiller") is not None:
             model.distiller.load_state_dict(state["distiller"])
         optimizer.load_state_dict(state["optimizer"])

@@ -37,6 +37,17 @@ def is_box(value) -> bool:
     return isinstance(value, list) and len(value) == 4 and all(is_number(v) for v in value)
 
 
+def check_box_sizes(path: Path, field: str, records: list[dict]) -> None:
+    """A COCO box is [x, y, width, height]: a negative width or height is an error (a zero one is an empty
+    box, dropped and counted where a data set is read)."""
+    for index, record in enumerate(records):
+        width, height = record["bbox"][2], record["bbox"][3]
+        if width < 0 or height < 0:
+            side, value = ("width", width) if width < 0 else ("height", height)
+            raise UserError(f"{path}: {field}[{index}].bbox has a negative {side} ({value}): COCO boxes are "
+                            f"[x, y, width, height], not corner coordinates")
+
+
 def check_records(path: Path, field: str, records, required: dict) -> None:
     """``records`` must be a list of objects, each holding ``required`` keys whose values pass their
     checks (``{key: (check, what it must be)}``); the first problem is a one-line ``UserError``."""
@@ -79,6 +90,7 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
     check_records(path, "annotations", data["annotations"], {
         "image_id": (is_id, "an integer"), "category_id": (is_id, "an integer"),
         "bbox": (is_box, "[x, y, width, height] of numbers")})
+    check_box_sizes(path, "annotations", data["annotations"])
     for field in ("images", "categories", "annotations"):
         _check_unique(path, field, data[field])
     image_ids = {image["id"] for image in data["images"]}

@@ -101,6 +101,8 @@ class Run:
     pairing: dict
     checkpoint_path: Path
     resume_state: dict | None  # the checkpoint to continue from, read (and checked) before anything was written
+    record: dict  # run.json, written once this session's first step has succeeded
+    recorded: bool = False
 
 
 def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Module | None = None,
@@ -117,7 +119,8 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
     run = prepare(cfg, distiller=distiller, teacher=teacher, data=data, resume_from=resume_from)
     start_epoch, step, history = 0, 0, list[dict]()
     if run.resume_state is not None:
-        start_epoch, step, history = restore(run.resume_state, run.checkpoint_path, run.model, run.optimizer, run.scheduler)
+        start_epoch, step, history = restore(run.resume_state, run.checkpoint_path, run.model, run.optimizer,
+                                             run.scheduler, run.cfg.detector)
     metrics: dict = history[-1] if history else {}
     for epoch in range(start_epoch, run.cfg.epochs):
         cpu_started = time.process_time()
@@ -141,7 +144,8 @@ def fit(cfg: TrainConfig, *, distiller: nn.Module | None = None, teacher: nn.Mod
 
 def prepare(cfg: TrainConfig, *, distiller: nn.Module | None, teacher: nn.Module | None, data: Data | None,
             resume_from: str | Path | None) -> Run:
-    """Check everything, write ``run.json``, then build the student, distiller, teacher, optimiser and data order."""
+    """Check everything, then build the student, distiller, teacher, optimiser and data order (nothing is
+    written here: ``run.json`` waits for the first step, :func:`record_run`)."""
     cfg.validate()
     data = data or load_data(cfg)
     pretrained_classes = weights_classes(cfg.detector)
@@ -155,11 +159,8 @@ def prepare(cfg: TrainConfig, *, distiller: nn.Module | None, teacher: nn.Module
         teacher, distiller = build_distillation(cfg, data.train.num_classes)
     checkpoint_path = Path(resume_from) if resume_from else out / CHECKPOINT_NAME
     resume_state = load_checkpoint(checkpoint_path) if (cfg.resume or resume_from) and checkpoint_path.is_file() else None
-    if dist_utils.is_main():  # everything above checked: only now is anything written
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "run.json", {"config": to_dict(cfg), "data": data.paths.as_dict(),
-                                            "world_size": dist_utils.world_size(), "device": str(device),
-                                            "torch_threads": torch.get_num_threads(), **provenance()})
+    record = {"config": to_dict(cfg), "data": data.paths.as_dict(), "world_size": dist_utils.world_size(),
+              "device": str(device), "torch_threads": torch.get_num_threads(), **provenance()}
     torch.manual_seed(cfg.seed)
     detector = build_detector(cfg.detector)
     pairing = {"pairing/student_init": state_fingerprint(detector)}
@@ -176,7 +177,19 @@ def prepare(cfg: TrainConfig, *, distiller: nn.Module | None, teacher: nn.Module
     if dist_utils.is_distributed():
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return Run(cfg, data, device, out, model, ddp_model, teacher.to(device) if teacher is not None else None,
-               optimizer, scheduler, sampler, loader, iters_per_epoch, pairing, checkpoint_path, resume_state)
+               optimizer, scheduler, sampler, loader, iters_per_epoch, pairing, checkpoint_path, resume_state, record)
+
+
+def record_run(run: Run) -> None:
+    """``run.json`` in the output folder, once, after this session's first step succeeded: a run that stops
+    on bad input (an image that cannot be decoded, a loss that is not finite at step 0) writes nothing,
+    and leaves an earlier run's files in its folder as they were."""
+    if run.recorded:
+        return
+    if dist_utils.is_main():
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.out / "run.json", run.record)
+    run.recorded = True
 
 
 def data_order(cfg: TrainConfig, data: Data) -> tuple[EpochTaggedSampler, torch.utils.data.DataLoader]:
@@ -212,6 +225,7 @@ def train_epoch(run: Run, epoch: int, step: int, progress: bool) -> tuple[dict, 
                              where=f"step {step} (epoch {epoch + 1})")
         if step == 0 and run.model.distiller is not None:
             first_step = {"loss/distill_step0": figures["loss/distill"], "loss/detector_step0": figures["loss/detector"]}
+        record_run(run)
         step += 1
         seen += 1
         for name, value in figures.items():

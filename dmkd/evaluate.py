@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dmkd import distributed as dist_utils
-from dmkd.data import CocoDetection, check_records, collate, is_box, is_id, is_number, load_coco, to_coco_results
+from dmkd.data import CocoDetection, check_box_sizes, check_records, collate, is_box, is_id, is_number, load_coco, to_coco_results
 from dmkd.errors import UserError, one_line
 from dmkd.io import read_json
 
@@ -75,6 +75,7 @@ def load_results(path: str | Path, coco_gt: COCO) -> list[dict]:
     check_records(path, "results", results, {
         "image_id": (is_id, "an integer"), "category_id": (is_id, "an integer"),
         "bbox": (is_box, "[x, y, width, height] of numbers"), "score": (is_number, "a number")})
+    check_box_sizes(path, "", results)
     for index, result in enumerate(results):
         if result["image_id"] not in known_images:
             raise UserError(f"{path}: [{index}].image_id {result['image_id']} is not in the annotation file")

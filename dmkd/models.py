@@ -7,6 +7,7 @@ body gets torchvision's treatment: frozen BatchNorm, conv1 and layer1 frozen.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -118,6 +119,12 @@ class DetectorConfig:
             raise UserError(f"{where}.image_size: must be at least 32, but got {self.image_size}")
         if self.min_size is not None and not 32 <= self.min_size <= self.image_size:
             raise UserError(f"{where}.min_size: must lie in [32, image_size={self.image_size}], but got {self.min_size}")
+        if self.head_convs < 1:
+            raise UserError(f"{where}.head_convs: must be at least 1 (a head tower needs a conv), but got {self.head_convs}")
+        if not (math.isfinite(self.anchor_scale) and self.anchor_scale > 0):
+            raise UserError(f"{where}.anchor_scale: must be a positive number, but got {self.anchor_scale}")
+        if not 0 <= self.score_thresh < 1:
+            raise UserError(f"{where}.score_thresh: must lie in [0, 1), but got {self.score_thresh}")
 
 
 def _backbone_with_fpn(cfg: DetectorConfig, returned_layers: list[int], extra_blocks: nn.Module | None) -> BackboneWithFPN:
@@ -295,8 +302,10 @@ def feature_shapes(detector: nn.Module, image_size: int) -> OrderedDict[str, tup
     return OrderedDict((name, tuple(f.shape[1:])) for name, f in features.items())
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local checkpoint: a state dict, or a training checkpoint holding one under ``model``."""
+def load_weights(module: nn.Module, path: str | os.PathLike, explain: Callable[[dict], str] | None = None) -> None:
+    """Load a local checkpoint: a state dict, or a training checkpoint holding one under ``model``.
+    Weights that do not fit end in a one-line ``UserError``: ``explain(state)`` when given (what differs,
+    in the caller's terms; ``dmkd.identify``), else torch's first line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file not found")
@@ -305,4 +314,4 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
         module.load_state_dict(state)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
-        raise UserError(f"{path}: weights do not fit this detector ({first})") from error
+        raise UserError(explain(state) if explain else f"{path}: weights do not fit this detector ({first})") from None

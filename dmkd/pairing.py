@@ -10,7 +10,13 @@ from torch import nn
 from dmkd.config import TrainConfig
 from dmkd.distillers import build_distiller, detector_family, needs_head
 from dmkd.errors import UserError
+from dmkd.identify import mismatch
 from dmkd.models import DetectorConfig, TeacherFeatures, build_detector, feature_shapes, load_weights, weights_classes
+
+# How a user makes a teacher checkpoint and the teacher a run builds agree (command line, or a space).
+TEACHER_FIX = ("set the teacher's arch, backbone, FPN width and head convs to the checkpoint's "
+               "(--teacher-arch/--teacher-backbone/--teacher-fpn-channels/--teacher-head-convs, or pair.teacher "
+               "in a space), or use the checkpoint's own config")
 
 
 def check_heads(student: nn.Module, teacher: nn.Module, student_classes: int, teacher_classes: int) -> None:
@@ -37,7 +43,9 @@ def build_distillation(cfg: TrainConfig, num_classes: int) -> tuple[TeacherFeatu
     teacher_cfg = dataclasses.replace(teacher_cfg, num_classes=weights_classes(teacher_cfg) or num_classes)
     teacher_detector = build_detector(teacher_cfg, "teacher")
     if cfg.teacher_checkpoint:
-        load_weights(teacher_detector, cfg.teacher_checkpoint)
+        path = cfg.teacher_checkpoint
+        load_weights(teacher_detector, path, explain=lambda state: mismatch(
+            path, state, teacher_cfg, "teacher", TEACHER_FIX))
     student_detector = build_detector(dataclasses.replace(cfg.detector, num_classes=num_classes))
     teacher_shapes = feature_shapes(teacher_detector, cfg.detector.image_size)
     student_shapes = feature_shapes(student_detector, cfg.detector.image_size)

@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                              val_images=args.val_images, test_images=args.test_images, seed=args.seed)
         if spec.image_size < 2 * spec.max_object_size:
             raise UserError(f"--image-size: must be at least {2 * spec.max_object_size}, but got {spec.image_size}")
+        for split in ("train", "val", "test"):  # an empty split would be written, and fail only when read
+            count = getattr(spec, f"{split}_images")
+            if count < 1:
+                raise UserError(f"--{split}-images: must be at least 1, but got {count}")
         paths = ensure_mini_benchmark(args.out, spec)
     except (UserError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)

@@ -30,6 +30,7 @@ from dmkd.errors import run_command
 from dmkd.provenance import provenance
 from orchestrator.grid import load_grid, rows_record
 from orchestrator.space import describe
+from orchestrator.space_file import check_files
 from orchestrator.storage import Storage, check_name
 from orchestrator.sweep import WANDB_MODES, resolve_wandb_mode
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                          tune_trials=args.tune)
         name = check_name(args.name or grid.name)
         storage = Storage.parse(args.storage)
+        check_files(grid.space, grid.base)
         wandb_mode = resolve_wandb_mode(args.wandb)
         tuned = {row_name: grid.tune.trials_for(len(search_space(row.method))) for row_name, row in grid.rows.items()
                  if grid.tune.trials and search_space(row.method) and row.tune}

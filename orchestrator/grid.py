@@ -67,6 +67,7 @@ class Grid:
     rows: dict[str, Row]  # row name -> Row; the reference row (method none) is always there
     seeds: list[int]  # the reported seeds
     tune: TuneBlock = TuneBlock()
+    base: Path = DEFAULT_SPACE  # the base space's file (what its messages name)
 
 
 def _rows(data: dict, space: SweepSpace, path: Path) -> dict[str, Row]:
@@ -168,7 +169,7 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
         raise UserError(f"{base}: pair.teacher_checkpoint: set a checkpoint path, or train_teacher: true")
     if needs_teacher and space.method == "none":  # load_space checked the pair already for a distilling base
         check_pair(space, base)
-    return Grid(name=str(data.get("name", "ablation")), space=space, rows=rows, seeds=reported, tune=tune)
+    return Grid(name=str(data.get("name", "ablation")), space=space, rows=rows, seeds=reported, tune=tune, base=base)
 
 
 def sampler_seed(grid_seed: int, row_name: str) -> int:

@@ -142,6 +142,10 @@ def _check_search(space: SweepSpace, path: Path) -> dict:
                 raise _fail(path, key, f"a {param.type} parameter needs low < high, but got low={param.low}, high={param.high}")
             if param.type == "loguniform" and param.low <= 0:
                 raise _fail(path, f"{key}.low", f"must be positive for loguniform, but got {param.low}")
+            for end in ("low", "high"):
+                value = getattr(param, end)
+                if param.type == "int" and not float(value).is_integer():
+                    raise _fail(path, f"{key}.{end}", f"must be a whole number for an int parameter, but got {value}")
             ends = {f"{key}.low": param.low, f"{key}.high": param.high}
         endpoints.update({where: (name, value) for where, value in ends.items()})
         for other, values in (param.when or {}).items():
@@ -199,19 +203,47 @@ def set_value(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the
+    last one silently (two grid rows of one name would become one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path, what: str) -> dict:
-    """Parse a YAML mapping; a missing or broken file is a one-line ``UserError`` naming it."""
+    """Parse a YAML mapping; a missing, empty or broken file (a key given twice included) is a one-line
+    ``UserError`` naming it."""
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UserError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if data is None:
+        raise UserError(f"{path}: the {what} file is empty")
     if not isinstance(data, dict):
         raise UserError(f"{path}: must hold a mapping of keys")
     return data
+
+
+def check_files(space: SweepSpace, path: Path) -> None:
+    """Every file a space names must exist here: the teacher checkpoint and the COCO files (a dry run
+    checks them too, not only the run that would read them)."""
+    checkpoint = space.pair.teacher_checkpoint
+    if checkpoint and not Path(checkpoint).is_file():
+        raise _fail(path, "pair.teacher_checkpoint", f"{checkpoint}: file not found")
+    for key, value in space.data.as_dict().items():
+        if not Path(value).exists():
+            raise _fail(path, f"data.{key}", f"{value}: not found")
 
 
 def load_space(path: str | Path | None = None, overrides: Sequence[tuple[str, Any]] = ()) -> SweepSpace:

@@ -16,15 +16,17 @@ import json
 import netrc
 import os
 import sys
+from pathlib import Path
 
 from dmkd.config import parse_assignment
-from dmkd.errors import run_command
+from dmkd.errors import UserError, run_command
 from dmkd.provenance import provenance
-from orchestrator.space import SweepSpace, describe, paper_default_point
-from orchestrator.space_file import load_space
+from orchestrator.space import DEFAULT_SPACE, SweepSpace, describe, paper_default_point
+from orchestrator.space_file import check_files, load_space
 from orchestrator.storage import Storage, check_name
 
 WANDB_MODES = ("online", "offline", "off")
+TUNER_STATE = "tuner.pkl"  # what Ray Tune keeps of an experiment it can continue (Tuner.can_restore looks for it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         space = resolve_space(args)
         name = check_name(args.name or space.name)
         storage = Storage.parse(args.storage)
+        check_files(space, Path(args.space) if args.space else DEFAULT_SPACE)
+        if args.resume and storage.local and not (storage.folder(name) / TUNER_STATE).is_file():
+            raise UserError(f"--resume: no sweep to continue at {storage.uri(name)}")
         wandb_mode = resolve_wandb_mode(args.wandb)
         the_plan = plan(space, name, storage.uri(), wandb_mode, args.address)
         if args.dry_run:

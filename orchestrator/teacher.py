@@ -17,9 +17,11 @@ from dmkd.config import DataPaths, TrainConfig, to_dict
 from dmkd.engine import fit, load_data
 from dmkd.errors import UserError
 from dmkd.evaluate import evaluate_detector
+from dmkd.identify import mismatch
 from dmkd.io import atomic_write
 from dmkd.metrics import split_figures
 from dmkd.models import build_detector, load_weights, weights_classes
+from dmkd.pairing import TEACHER_FIX
 from dmkd.weights import categories, labels_by_name
 from orchestrator.space import SweepSpace
 
@@ -124,7 +126,7 @@ def _evaluate(cfg_dict: dict, checkpoint: str | None, device: str = "cpu") -> di
     classes = weights_classes(cfg.detector) or data.train.num_classes
     detector = build_detector(dataclasses.replace(cfg.detector, num_classes=classes), "pair.teacher")
     if checkpoint:
-        load_weights(detector, checkpoint)
+        load_weights(detector, checkpoint, explain=lambda state: mismatch(checkpoint, state, cfg.detector, "teacher", TEACHER_FIX))
     names = categories(cfg.detector.weights)
     figures = {}
     for split, dataset in (("val", data.val), ("test", data.test)):

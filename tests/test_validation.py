@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from dmkd import evaluate, split
+from dmkd import evaluate, split, synthetic
 from dmkd import train as cli
 from dmkd.config import TrainConfig
 from dmkd.train import ROLE_DEFAULTS
@@ -72,7 +72,7 @@ def test_bad_numbers_and_checkpoints(tmp_path, small_coco, capsys):
     assert cli.main(_train_args(small_coco, tmp_path / "c", "--resume")) == 2
     _one_line(capsys, "not a dmkd.train checkpoint to resume from")
     assert cli.main(_train_args(small_coco, tmp_path / "d", "--method", "dmkd", "--teacher-checkpoint", str(tmp_path / "c" / "checkpoint.pt"))) == 2
-    _one_line(capsys, "weights do not fit this detector")
+    _one_line(capsys, "checkpoint.pt: the weights are not those of a detector this project builds (keys w...)")
     assert not any((tmp_path / name).exists() for name in ("a", "b", "d"))
 
 
@@ -185,3 +185,103 @@ def test_help_texts(capsys):
     assert (f"epochs to train (default: {ROLE_DEFAULTS['teacher']['epochs']} teacher, "
             f"{ROLE_DEFAULTS['student']['epochs']} student)") in text
     assert f"default: {defaults.optimizer}" in text and f"(default: {defaults.seed})" in text
+
+
+# The last classes (issue 27). Each: one line naming the file, field and value, exit code 2, nothing
+# written; a run that stops leaves an earlier run's files in its folder as they were.
+def _finished_run(tmp_path, small_coco, capsys) -> tuple:
+    out = tmp_path / "run"
+    assert cli.main(_train_args(small_coco, out)) == 0
+    capsys.readouterr()
+    return out, {name: (out / name).read_bytes() for name in ("run.json", "checkpoint.pt", "metrics.json")}
+
+
+def test_values_that_used_to_pass_silently(tmp_path, small_coco, capsys):
+    negative = _coco_with(tmp_path, small_coco, lambda d: d["annotations"][0].update(bbox=[20, 4, -6, 10]))
+    assert cli.main(_train_args((negative, small_coco[1]), tmp_path / "a")) == 2
+    _one_line(capsys, "changed.json: annotations[0].bbox has a negative width (-6)")
+    assert cli.main(_train_args(small_coco, tmp_path / "b", "--head-convs", "-1")) == 2
+    _one_line(capsys, "detector.head_convs: must be at least 1")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [2, 2, 5, -3], "score": 0.9}]))
+    assert evaluate.main(["--ann", str(small_coco[0]), "--results", str(results)]) == 2
+    _one_line(capsys, "results.json: [0].bbox has a negative height (-3)")
+    assert synthetic.main(["--out", str(tmp_path / "c"), "--val-images", "-5"]) == 2
+    _one_line(capsys, "--val-images: must be at least 1, but got -5")
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_space_and_grid_files_that_used_to_pass(tmp_path, capsys):
+    import yaml
+
+    from orchestrator.space import DEFAULT_SPACE
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    assert sweep.main(["--space", str(empty), "--dry-run"]) == 2
+    _one_line(capsys, "empty.yaml: the search space file is empty")
+    for change, expected in (
+            (lambda d: d["search"].update(warmup_iters={"type": "int", "low": 1.5, "high": 50}),
+             "search.warmup_iters.low: must be a whole number for an int parameter, but got 1.5"),
+            (lambda d: d["pair"].update(teacher_checkpoint=str(tmp_path / "gone.pt"), train_teacher=False),
+             f"pair.teacher_checkpoint: {tmp_path / 'gone.pt'}: file not found"),
+            (lambda d: d.update(data={"train_ann": str(tmp_path / "t.json"), "train_images": str(tmp_path),
+                                      "val_ann": str(tmp_path / "v.json"), "val_images": str(tmp_path)}),
+             f"data.train_ann: {tmp_path / 't.json'}: not found")):
+        data = yaml.safe_load(DEFAULT_SPACE.read_text())
+        change(data)
+        space = tmp_path / "space.yaml"
+        space.write_text(yaml.safe_dump(data))
+        assert sweep.main(["--space", str(space), "--dry-run", "--storage", str(tmp_path / "exp")]) == 2
+        _one_line(capsys, expected)
+    assert sweep.main(["--dry-run", "--resume", "--storage", str(tmp_path / "exp")]) == 2
+    _one_line(capsys, f"--resume: no sweep to continue at {tmp_path / 'exp' / 'default'}")
+    twice = tmp_path / "grid.yaml"
+    twice.write_text(f"base: {DEFAULT_SPACE}\nrows:\n  mgd: {{method: mgd}}\n  fgd: {{method: fgd}}\n  mgd: {{method: pkd}}\n")
+    assert ablate.main(["--grid", str(twice), "--dry-run"]) == 2
+    _one_line(capsys, "grid.yaml: not valid YAML (line 5): duplicate key 'mgd'")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_run_that_stops_at_its_first_step_writes_nothing(tmp_path, small_coco, capsys):
+    """A truncated image, a batch larger than the training set, a loss not finite at step 0: the
+    message names the cause and the earlier run's run.json, checkpoint and metrics stay as they were."""
+    out, before = _finished_run(tmp_path, small_coco, capsys)
+    images = tmp_path / "broken"
+    images.mkdir()
+    png = small_coco[1] / "a.png"
+    (images / "a.png").write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])  # cut mid-way
+    assert cli.main(_train_args((small_coco[0], images), out)) == 2
+    _one_line(capsys, f"{images / 'a.png'}: cannot decode image")
+    assert cli.main(_train_args(small_coco, out, "--batch-size", "4")) == 2
+    _one_line(capsys, "batch_size: 4 per rank x 1 ranks is more than the 1 training images")
+    from dmkd.models import DetectorConfig, build_detector
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"model": build_detector(DetectorConfig(num_classes=2, image_size=64)).state_dict()}, teacher)
+    assert cli.main(_train_args(small_coco, out, "--method", "fitnet", "--teacher-checkpoint", str(teacher),
+                                "--teacher-backbone", "resnet18", "--distill", "weight=1e308")) == 2
+    _one_line(capsys, "loss became inf at step 0")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    fresh = tmp_path / "fresh"
+    assert cli.main(_train_args((small_coco[0], images), fresh)) == 2 and not fresh.exists()
+
+
+def test_a_checkpoint_of_another_detector_says_what_differs(tmp_path, small_coco, capsys):
+    from dmkd.models import DetectorConfig, build_detector
+
+    out, before = _finished_run(tmp_path, small_coco, capsys)  # resnet10_quarter, FPN 64, 1 head conv, 1 class
+    plain = tmp_path / "plain.pt"  # a bare state dict: read from its shapes
+    torch.save(build_detector(DetectorConfig(backbone="resnet18", fpn_channels=128, num_classes=4, image_size=64)).state_dict(), plain)
+    assert cli.main(_train_args(small_coco, tmp_path / "a", "--method", "mgd", "--teacher-checkpoint", str(plain))) == 2
+    _one_line(capsys, f"{plain}: the checkpoint is fcos/resnet18 with FPN 128, 4 head convs and 3 classes; this run's "
+                      f"teacher is fcos/resnet18 with FPN 128, 4 head convs and 1 classes (another class count: set")
+    assert cli.main(_train_args(small_coco, tmp_path / "b", "--method", "mgd", "--teacher-checkpoint",
+                                str(out / "checkpoint.pt"))) == 2  # a dmkd.train checkpoint: its saved config
+    _one_line(capsys, "the checkpoint is fcos/resnet10_quarter with FPN 64, 1 head convs and 1 classes; this run's teacher "
+                      "is fcos/resnet18 with FPN 128, 4 head convs and 1 classes (another backbone and FPN width and head depth")
+    assert cli.main(_train_args(small_coco, out, "--resume", "--fpn-channels", "32")) == 2
+    _one_line(capsys, "this run's detector is fcos/resnet10_quarter with FPN 32, 1 head convs and 1 classes (another FPN "
+                      "width: resume with the settings it was written with")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
