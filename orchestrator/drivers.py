@@ -34,10 +34,10 @@ def search_tuner(space: SweepSpace, *, name: str, storage: Storage, setup: Trial
     stops. Its trials select, so they never evaluate the test split."""
     setup = setup.without_test()
     folder = storage.folder(name) if storage.local else None
-    searcher = build_searcher(space, study_folder=folder, study_name=name, sampler_seed=sampler_seed)
     return make_tuner(tune.with_parameters(run_trial, space=space, setup=setup), storage_path=storage.uri(), name=name,
                       header=f"{job_type}: {space.method}, {space.pair_name}", objective=space.objective,
-                      columns=list(space.search), search_alg=searcher, scheduler=build_scheduler(space),
+                      columns=list(space.search), scheduler=build_scheduler(space),
+                      searcher=lambda: build_searcher(space, study_folder=folder, study_name=name, sampler_seed=sampler_seed),
                       num_samples=space.num_samples, max_concurrent=space.max_concurrent,
                       callbacks=wandb_callbacks(space, folder, wandb_mode, setup=setup, job_type=job_type,
                                                 reference_file=reference_file))

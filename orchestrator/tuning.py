@@ -49,18 +49,19 @@ def tune_callbacks(*extra) -> list:
 
 
 def make_tuner(trainable: Callable, *, storage_path: str, name: str, header: str, objective: Objective,
-               columns: list[str], callbacks: list, param_space: dict | None = None, search_alg=None,
+               columns: list[str], callbacks: list, param_space: dict | None = None, searcher: Callable | None = None,
                scheduler: TrialScheduler | None = None, num_samples: int = 1, max_concurrent: int = 1) -> tune.Tuner:
     """The Tuner of run ``name`` under ``storage_path`` (a folder or a cloud URI): the stored one,
-    continued (errored and unfinished trials included), when it exists; else a new one. Every trial
-    fails for good on its first error (its worker restarts are the trainable's own), reports to the
-    status table with ``columns`` under ``header``, and writes what ``tune_callbacks`` keeps."""
+    continued (errored and unfinished trials included), when it exists; else a new one, whose search
+    ``searcher()`` builds (only then: building an Optuna search enqueues its first point in the study,
+    which a continued run must not get twice). Every trial fails for good on its first error (its
+    worker restarts are the trainable's own), reports to the status table with ``columns`` under
+    ``header``, and writes what ``tune_callbacks`` keeps."""
     path = f"{storage_path}/{name}"
     if tune.Tuner.can_restore(path):
         print(f"{header.split(':')[0]}: continuing {path}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
-    if search_alg is not None:
-        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
+    search_alg = ConcurrencyLimiter(searcher(), max_concurrent=max_concurrent) if searcher is not None else None
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
