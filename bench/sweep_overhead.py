@@ -1,16 +1,21 @@
-"""What orchestration costs: the same N trials run (a) as plain `python -m dmkd.train` processes and
-(b) through `python -m orchestrator.sweep` on a local Ray (no early stopping, W&B off), on the
-mini-benchmark student with DMKD distillation.
+"""What orchestration costs: the same N trials (the mini-benchmark student with DMKD, a trained teacher)
+run (a) as plain ``python -m dmkd.train`` processes and (b) through ``python -m orchestrator.sweep`` on a
+local Ray (no early stopping, W&B off), with ``--workers`` Ray Train workers per trial (1: the trial
+trains in its own Tune trial; 2 or more: a TorchTrainer worker group, DDP over gloo).
 
-    python bench/sweep_overhead.py --teacher runs/teacher/checkpoint.pt --trials 2 --epochs 9
-    python bench/sweep_overhead.py --teacher runs/teacher/checkpoint.pt --cpus-per-trial 1
+    python bench/sweep_overhead.py --teacher runs/teacher/checkpoint.pt --trials 2 --epochs 3
+    python bench/sweep_overhead.py --teacher runs/teacher/checkpoint.pt --workers 2 --cpus-per-trial 2
 
-Prints the wall times, their ratio, and where the sweep's extra time goes: before the first trial (Ray
-start, data and teacher checks), per trial outside the training loop (worker-group start, checkpoint
-upload, loading data and teacher in the worker), and inside the loop (the same epochs, timed by the loop).
-``--cpus-per-trial`` sets both the trial's Ray Train worker CPUs and the plain runs' OpenMP threads, so
-both sides compute with the same number of threads; ``--concurrent`` runs that many trials at once on
-both sides (the sweep's ``max_concurrent``).
+For every trial it measures:
+- start-up: from the start of the process that trains (the ``dmkd.train`` process; the Tune trial's
+  process for a one-worker trial; the Tune trial's process, which then starts the worker group, for
+  several workers) to the first step of the training loop (``time/loop_started_at``): imports, data,
+  models, Ray's own processes;
+- the training loop (train + evaluation, timed by the loop), and the CPU seconds of every process of the
+  run, sampled from ``/proc`` every 0.25 s (a plain run: its process; a sweep: every process under the
+  sweep's driver, Ray's daemons included, divided by the trials).
+``--cpus-per-trial`` sets both the trial's CPUs and the plain runs' OpenMP threads; ``--concurrent`` runs
+that many trials at once on both sides. Prints a JSON record with the machine.
 """
 from __future__ import annotations
 
@@ -21,19 +26,59 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 ALPHAS = [2e-6, 5e-6, 1e-5, 2e-5, 5e-7, 1e-6]
+
+from dmkd.metrics import LOOP_STARTED_AT  # noqa: E402
+from dmkd.provenance import cpu_name, provenance  # noqa: E402
+
+
+class Sampler:
+    """CPU seconds and start times of every process under ``root`` (and ``root``), sampled until stopped."""
+
+    def __init__(self, root: int, every: float = 0.25):
+        self.root, self.every, self.cpu, self.started, self.names = root, every, {}, {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                family = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                family = []
+            for process in family:
+                try:
+                    times = process.cpu_times()
+                    self.cpu[process.pid] = times.user + times.system + times.children_user + times.children_system
+                    self.started.setdefault(process.pid, process.create_time())
+                    self.names.setdefault(process.pid, " ".join(process.cmdline())[:120])
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self._stop.wait(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plain(args, work: Path) -> dict:
     """The trials as ``python -m dmkd.train`` processes, ``--concurrent`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus_per_trial)}
-    times, epoch_s = [], []
+    startup, loops, cpu = [], [], []
     started_all = time.perf_counter()
     for first in range(0, args.trials, args.concurrent):
         running = []
@@ -42,39 +87,49 @@ def plain(args, work: Path) -> dict:
             command = [sys.executable, "-m", "dmkd.train", "--method", "dmkd", "--teacher-checkpoint", args.teacher,
                        "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--out", str(out),
                        "--distill", f"alpha={ALPHAS[i % len(ALPHAS)]}"]
-            running.append((out, time.perf_counter(), subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
-        for out, started, process in running:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            running.append((out, process, Sampler(process.pid)))
+        for out, process, sampler in running:
             if process.wait() != 0:
                 raise SystemExit(f"plain run {out.name} failed with exit code {process.returncode}")
-            times.append(time.perf_counter() - started)
+            sampler.stop()
             epochs = json.loads((out / "metrics.json").read_text())["epochs"]
-            epoch_s.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in epochs))
-    return {"wall_s": time.perf_counter() - started_all, "per_trial_s": times, "loop_s": epoch_s}
+            startup.append(epochs[0][LOOP_STARTED_AT] - sampler.started[process.pid])
+            loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in epochs))
+            cpu.append(sum(sampler.cpu.values()))
+    return {"wall_s": time.perf_counter() - started_all, "startup_s": startup, "loop_s": loops, "cpu_s": cpu}
 
 
 def swept(args, work: Path) -> dict:
     space = yaml.safe_load((ROOT / "search_spaces" / "default.yaml").read_text())
     space.update(name="overhead", num_samples=args.trials, max_concurrent=args.concurrent, scheduler={"type": "none"},
-                 budget={"epochs": args.epochs},
+                 budget={"epochs": args.epochs}, reference=False,
                  search={"alpha": {"type": "categorical", "choices": [ALPHAS[i % len(ALPHAS)] for i in range(args.trials)]}})
     space["pair"].update(teacher_checkpoint=args.teacher, train_teacher=False)
     space["data"] = {"mini_dir": args.data_dir}
-    space["resources"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": args.cpus_per_trial}
+    space["resources"] = {"num_workers": args.workers, "use_gpu": False,
+                          "cpus_per_worker": max(1, args.cpus_per_trial // args.workers)}
     path = work / "overhead.yaml"
     path.write_text(yaml.safe_dump(space))
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--storage", str(work / "exp"),
-                    "--wandb", "off"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--storage",
+                                str(work / "exp"), "--wandb", "off"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    sampler = Sampler(process.pid)
+    if process.wait() != 0:
+        raise SystemExit(f"the sweep failed with exit code {process.returncode}")
+    sampler.stop()
     wall = time.perf_counter() - started
-    trials, loops = [], []
+    startup, loops, loop_cpu = [], [], []
     for result in (work / "exp" / "overhead").glob("run_trial_*/result.json"):
-        history = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        trials.append(history[-1]["time_total_s"])
+        history = _history(result)
+        trial_process = sampler.started.get(history[0]["pid"])  # the Tune trial's process (Tune adds its pid)
+        startup.append(history[0][LOOP_STARTED_AT] - trial_process if trial_process else float("nan"))
         loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in history))
-    teacher = json.loads((work / "exp" / "overhead" / "teacher.json").read_text())
-    return {"wall_s": wall, "per_trial_s": trials, "loop_s": loops, "teacher_figures_from": teacher.get("figures_from")}
+        loop_cpu.append(sum(e.get("time/cpu_s", 0) for e in history))
+    total_cpu = sum(sampler.cpu.values())
+    return {"wall_s": wall, "startup_s": startup, "loop_s": loops, "cpu_s": [total_cpu / args.trials] * args.trials,
+            "loop_cpu_s": loop_cpu, "processes": len(sampler.cpu)}
 
 
 def main() -> None:
@@ -82,31 +137,31 @@ def main() -> None:
     parser.add_argument("--teacher", required=True, help="teacher checkpoint (e.g. from python -m dmkd.train)")
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "mini"))
     parser.add_argument("--trials", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=9, help="9 epochs: 2.5-4 minutes a trial on 2 CPU cores")
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cpus-per-trial", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (1: no worker group)")
     parser.add_argument("--concurrent", type=int, default=1, help="trials at once, on both sides (default 1)")
+    parser.add_argument("--skip-plain", action="store_true", help="only the sweep (e.g. a second --workers setting)")
     args = parser.parse_args()
     args.teacher = str(Path(args.teacher).resolve())
     args.data_dir = str(Path(args.data_dir).resolve())
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        a = plain(args, work)
+        a = None if args.skip_plain else plain(args, work)
         b = swept(args, work)
-    n = args.trials
-    report = {
-        "trials": n, "epochs": args.epochs, "cpus_per_trial": args.cpus_per_trial, "concurrent": args.concurrent,
-        "cores": os.cpu_count(),
-        "plain_wall_s": a["wall_s"], "sweep_wall_s": b["wall_s"], "ratio": b["wall_s"] / a["wall_s"],
-        "plain_trial_s": statistics.fmean(a["per_trial_s"]), "sweep_trial_s": statistics.fmean(b["per_trial_s"]),
-        "plain_loop_s": statistics.fmean(a["loop_s"]), "sweep_loop_s": statistics.fmean(b["loop_s"]),
-        "sweep_outside_trials_s": b["wall_s"] - sum(b["per_trial_s"]) / args.concurrent,  # trials overlap
-        "sweep_per_trial_startup_s": statistics.fmean(t - loop for t, loop in zip(b["per_trial_s"], b["loop_s"])),
-        "plain_per_trial_startup_s": statistics.fmean(t - loop for t, loop in zip(a["per_trial_s"], a["loop_s"])),
-        "loop_ratio": statistics.fmean(b["loop_s"]) / statistics.fmean(a["loop_s"]),
-        "teacher_figures_from": b["teacher_figures_from"],
-    }
+    report = {"trials": args.trials, "epochs": args.epochs, "cpus_per_trial": args.cpus_per_trial, "workers": args.workers,
+              "concurrent": args.concurrent, "machine": cpu_name(), "git_commit": provenance()["git_commit"],
+              "date": time.strftime("%Y-%m-%d %H:%M"),
+              "sweep_wall_s": b["wall_s"], "sweep_startup_s": statistics.fmean(b["startup_s"]),
+              "sweep_loop_s": statistics.fmean(b["loop_s"]), "sweep_cpu_s_per_trial": statistics.fmean(b["cpu_s"]),
+              "sweep_loop_cpu_s": statistics.fmean(b["loop_cpu_s"]), "sweep_processes": b["processes"]}
+    if a is not None:
+        report.update({"plain_wall_s": a["wall_s"], "ratio": b["wall_s"] / a["wall_s"],
+                       "plain_startup_s": statistics.fmean(a["startup_s"]), "plain_loop_s": statistics.fmean(a["loop_s"]),
+                       "plain_cpu_s_per_trial": statistics.fmean(a["cpu_s"]),
+                       "loop_ratio": statistics.fmean(b["loop_s"]) / statistics.fmean(a["loop_s"])})
     for key, value in report.items():
-        print(f"{key:28s} {value:.2f}" if isinstance(value, float) else f"{key:28s} {value}")
+        print(f"{key:26s} {value:.2f}" if isinstance(value, float) else f"{key:26s} {value}")
     print(json.dumps(report))
 
 

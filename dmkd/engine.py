@@ -211,6 +211,7 @@ def train_epoch(run: Run, epoch: int, step: int, progress: bool) -> tuple[dict, 
     run.sampler.set_epoch(epoch)
     sums: dict[str, float] = defaultdict(float)
     started = time.perf_counter()
+    loop_started_at = time.time()  # wall-clock: what start-up measurements subtract from
     bar = tqdm(total=run.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (progress and dist_utils.is_main()))
     seen = 0
@@ -234,7 +235,7 @@ def train_epoch(run: Run, epoch: int, step: int, progress: bool) -> tuple[dict, 
         bar.set_postfix(loss=f"{figures['loss/total']:.3f}")
     bar.close()
     metrics = {"epoch": epoch + 1, "step": step, "lr": run.scheduler.get_last_lr()[0],
-               "time/train_s": time.perf_counter() - started, **run.pairing}
+               "time/train_s": time.perf_counter() - started, "time/loop_started_at": loop_started_at, **run.pairing}
     metrics.update(dist_utils.mean_over_ranks({**{k: v / seen for k, v in sums.items()}, **first_step}, device))
     distiller = run.model.distiller
     if distiller is not None:

@@ -20,6 +20,7 @@ BEST_VAL_AP = "val/AP_best"  # the best epoch so far (a trial reports it)
 LOSS_RATIO = "loss_ratio"  # distillation loss / detector loss, means over the epoch
 LOSS_RATIO_STEP0 = "loss_ratio/step0"  # the same at the run's first step
 CPU_S = "time/cpu_s"
+LOOP_STARTED_AT = "time/loop_started_at"  # when an epoch's first step began (seconds since the epoch, for start-up)
 STUDENT_INIT = "pairing/student_init"
 DATA_ORDER = "pairing/data_order"
 

@@ -18,7 +18,8 @@ from dmkd.metrics import VAL_AP
 from dmkd.provenance import provenance
 from orchestrator.grid import Row
 from orchestrator.space import SweepSpace
-from orchestrator.trial import PICTURE_PNG, TrialSetup, trial_train_config
+from orchestrator.trial import TrialSetup, trial_train_config
+from orchestrator.trial_training import PICTURE_PNG
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
 
@@ -117,7 +118,11 @@ class DMKDWandbCallback(WandbLoggerCallback):
             reference = self._reference_final(self._seeds.get(trial))
             if reference and result.get("epoch") == self._space.budget.epochs == reference.get("epoch"):
                 extra["val/delta_AP"] = value - reference[VAL_AP]
+        # the epoch's checkpoint folder: Ray Train's TuneReportCallback names it; a one-worker trial's own
+        # report gives its folder's name inside the trial's folder
         path = result.get("checkpoint_path")
+        if not path and result.get("checkpoint_dir_name") and trial.path:
+            path = os.path.join(trial.path, result["checkpoint_dir_name"])
         if path and os.path.isfile(os.path.join(path, PICTURE_PNG)):
             extra["attention"] = wandb.Image(os.path.join(path, PICTURE_PNG))
         super().log_trial_result(iteration, trial, {**result, **extra})

@@ -34,11 +34,10 @@ def search_tuner(space: SweepSpace, *, name: str, storage: Storage, setup: Trial
     stops. Its trials select, so they never evaluate the test split."""
     setup = setup.without_test()
     folder = storage.folder(name) if storage.local else None
-    return make_tuner(tune.with_parameters(run_trial, space=space, setup=setup), storage_path=storage.uri(), name=name,
-                      header=f"{job_type}: {space.method}, {space.pair_name}", objective=space.objective,
-                      columns=list(space.search), scheduler=build_scheduler(space),
+    return make_tuner(tune.with_parameters(run_trial, space=space, setup=setup), space=space, storage_path=storage.uri(),
+                      name=name, header=f"{job_type}: {space.method}, {space.pair_name}", columns=list(space.search),
                       searcher=lambda: build_searcher(space, study_folder=folder, study_name=name, sampler_seed=sampler_seed),
-                      num_samples=space.num_samples, max_concurrent=space.max_concurrent,
+                      scheduler=build_scheduler(space), num_samples=space.num_samples,
                       callbacks=wandb_callbacks(space, folder, wandb_mode, setup=setup, job_type=job_type,
                                                 reference_file=reference_file))
 
@@ -157,10 +156,9 @@ def ablation_tuner(grid: Grid, distilled: dict[str, Row], opened: Experiment, *,
     """The Tuner of the grid's runs: every distilled row x every reported seed, at the row's (tuned) parameters."""
     space = grid.space
     folder = opened.folder if opened.local else None
-    return make_tuner(tune.with_parameters(run_trial, space=space, setup=opened.setup, rows=distilled),
+    return make_tuner(tune.with_parameters(run_trial, space=space, setup=opened.setup, rows=distilled), space=space,
                       storage_path=opened.storage.uri(), name=opened.name,
-                      header=f"ablation: {opened.name}, {space.pair_name}", objective=space.objective,
-                      columns=["row", "seed"], max_concurrent=space.max_concurrent,
+                      header=f"ablation: {opened.name}, {space.pair_name}", columns=["row", "seed"],
                       param_space={"row": tune.grid_search(list(distilled)), "seed": tune.grid_search(grid.seeds)},
                       callbacks=wandb_callbacks(space, folder, wandb_mode, setup=opened.setup, job_type="ablation",
                                                 reference_file=folder / "reference.json" if folder else None,

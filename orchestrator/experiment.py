@@ -44,15 +44,17 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         return
-    # Each trial's driver function holds one CPU while its Train workers hold theirs: count them on top.
-    # The dashboard stays on: Ray Train's placement-group cleaner asks the state API whether a stopped
-    # trial's controller is gone; without it, the CPUs of every trial ASHA stops stay reserved.
-    num_cpus = (os.cpu_count() or 1) + space.max_concurrent
+    # A multi-worker trial's driver function holds one CPU while its Train workers hold theirs: count them
+    # on top, and keep the dashboard, whose state API Ray Train's placement-group cleaner asks whether a
+    # stopped trial's controller is gone (without it, the CPUs of every trial ASHA stops stay reserved).
+    # One-worker trials hold their own CPUs and start no Train run: neither is needed.
+    ray_train = space.resources.num_workers > 1
+    num_cpus = (os.cpu_count() or 1) + (space.max_concurrent if ray_train else 0)
     # Ray Train watches for node preemption (spot instances) with one more actor process per trial; on
     # the one machine this Ray runs on there is nothing to preempt. Measured on 2 cores: the tuned-ablation
     # test 258 s against 284 s with it (BENCHMARKS.md). A user's own setting wins.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False, include_dashboard=ray_train)
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,16 @@ pair and budget share it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from functools import partial
 from pathlib import Path
 
 from ray import tune
 
-from dmkd.config import DataPaths, to_dict
+from dmkd.config import DataPaths
 from dmkd.errors import UserError
 from dmkd.io import atomic_write_json, read_json
+from orchestrator.cache_key import training_key
 from orchestrator.grid import REFERENCE_ROW
 from orchestrator.space import SweepSpace
 from orchestrator.trial import TrialSetup, run_trial
@@ -28,10 +28,9 @@ KEPT = ("epoch", "val/", "test/", "loss/", "pairing/")
 
 
 def reference_folder(space: SweepSpace, data_paths: DataPaths, cache_root: Path) -> Path:
-    """One folder per (student, data, budget, training settings, workers); one file per seed inside."""
+    """One folder per (student, data content, budget, training settings, workers); one file per seed inside."""
     cfg = space.train_config({}, method="none", seed=0, data_paths=data_paths)
-    source = {**to_dict(cfg), "out": None, "seed": None, "num_workers_per_trial": space.resources.num_workers}
-    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+    key = training_key(cfg, seed=None, num_workers_per_trial=space.resources.num_workers)
     student = space.pair.student
     return cache_root / f"{student.arch}-{student.backbone}-fpn{student.fpn_channels}-{key}"
 
@@ -57,10 +56,9 @@ def ensure_references(space: SweepSpace, seeds: list[int], setup: TrialSetup, ca
         plain = dataclasses.replace(space, method="none", search={})
         trainable = tune.with_parameters(run_trial, space=plain, setup=setup.stored_in(str(folder / "train")),
                                          rows={"none": REFERENCE_ROW})
-        result_grid = make_tuner(trainable, storage_path=str(folder), name=name, header=f"reference: none, {space.pair_name}",
-                                 objective=space.objective, columns=["seed"], callbacks=[],
-                                 param_space={"row": "none", "seed": tune.grid_search(missing)},
-                                 max_concurrent=space.max_concurrent).fit()
+        result_grid = make_tuner(trainable, space=plain, storage_path=str(folder), name=name,
+                                 header=f"reference: none, {space.pair_name}", columns=["seed"], callbacks=[],
+                                 param_space={"row": "none", "seed": tune.grid_search(missing)}).fit()
         check_finished(result_grid, "the reference training")
         for result in result_grid:
             seed = result.config["seed"]

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -23,6 +21,7 @@ from dmkd.metrics import split_figures
 from dmkd.models import build_detector, load_weights, weights_classes
 from dmkd.pairing import TEACHER_FIX
 from dmkd.weights import categories, labels_by_name
+from orchestrator.cache_key import data_fingerprint, training_key
 from orchestrator.space import SweepSpace
 
 PROGRESS_POLL_S = 2.0
@@ -41,6 +40,7 @@ def _train(cfg_dict: dict, final: str, progress: Queue) -> str:
     """Runs as a Ray task, on whichever node has the CPUs: trains (or resumes) the teacher, sends one
     progress record per epoch through ``progress``, and writes the weights-only cache file ``final``."""
     cfg = TrainConfig.from_dict(cfg_dict)
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     started, first_epoch = time.monotonic(), []
 
     def report(epoch: int, metrics: dict, _written) -> None:
@@ -72,6 +72,12 @@ def progress_line(record: dict) -> str:
     return "  ".join(parts)
 
 
+def teacher_folder(space: SweepSpace, data_paths: DataPaths, cache_root: Path) -> Path:
+    """The cache folder of this teacher: one per (detector, training settings, seed, data content)."""
+    key = training_key(teacher_config(space, data_paths, Path(".")))
+    return cache_root / f"{space.pair.teacher.arch}-{space.pair.teacher.backbone}-{key}"
+
+
 def ensure_teacher(space: SweepSpace, data_paths: DataPaths, cache_root: Path | None,
                    log=partial(print, flush=True)) -> str | None:
     """The teacher checkpoint path: ``pair.teacher_checkpoint``, or the cached one for this teacher,
@@ -88,10 +94,7 @@ def ensure_teacher(space: SweepSpace, data_paths: DataPaths, cache_root: Path | 
     if cache_root is None:
         raise UserError("pair.train_teacher: caching a trained teacher needs a filesystem --storage (local or "
                         "NFS); with a cloud URI, train the teacher first and set pair.teacher_checkpoint")
-    probe = teacher_config(space, data_paths, Path("."))
-    key_source = json.dumps({**to_dict(probe), "out": None}, sort_keys=True)
-    key = hashlib.sha256(key_source.encode()).hexdigest()[:12]
-    folder = cache_root / f"{space.pair.teacher.arch}-{space.pair.teacher.backbone}-{key}"
+    folder = teacher_folder(space, data_paths, cache_root)
     final = folder / "teacher.pt"
     if final.is_file():
         log(f"teacher: cached at {final}")
@@ -99,9 +102,10 @@ def ensure_teacher(space: SweepSpace, data_paths: DataPaths, cache_root: Path | 
     log(f"teacher: training {space.pair.teacher.arch}/{space.pair.teacher.backbone} for "
         f"{space.pair.teacher_epochs} epochs as a Ray task, cached at {final}")
     cfg = teacher_config(space, data_paths, folder / "training")
-    # All but one CPU of one node: a task runs on one node, so a cluster's total would never be placed.
+    # The CPUs of one node (a task runs on one node, so a cluster's total would never be placed): the
+    # teacher trains before any trial, so it may use all of them.
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
-    resources = {"num_cpus": max(1, int(min(largest_node, ray.available_resources().get("CPU", 1))) - 1)}
+    resources = {"num_cpus": max(1, int(min(largest_node, ray.available_resources().get("CPU", 1))))}
     if space.resources.use_gpu:
         resources["num_gpus"] = 1
     # Ray's log forwarding is off (trials would flood the terminal): the task's epochs come back
@@ -141,8 +145,9 @@ def _evaluate(cfg_dict: dict, checkpoint: str | None, device: str = "cpu") -> di
 
 def recorded_figures(checkpoint: str | None, data_paths: DataPaths) -> dict | None:
     """The validation (and test) figures a ``dmkd.train`` checkpoint recorded after its last epoch, when
-    that evaluation used these held-out images and annotations; None otherwise (a plain state dict, an
-    older checkpoint, other held-out sets, or no evaluation in the last epoch)."""
+    that evaluation used the same held-out data (by content: a copy in another folder counts); None
+    otherwise (a plain state dict, an older checkpoint, other held-out sets or files no longer there, or
+    no evaluation in the last epoch)."""
     if checkpoint is None:
         return None
     try:
@@ -152,13 +157,15 @@ def recorded_figures(checkpoint: str | None, data_paths: DataPaths) -> dict | No
     if not isinstance(state, dict) or not state.get("history") or not isinstance(state.get("data"), dict):
         return None
     keys = ("val_ann", "val_images", "test_ann", "test_images")
-    given = data_paths.as_dict()
-    wanted = {k: str(Path(given[k]).resolve()) if k in given else None for k in keys}
-    if any(state["data"].get(k) != v for k, v in wanted.items()):
+    stored = {k: v for k, v in state["data"].items() if k in keys}
+    if not all(Path(v).exists() for v in stored.values()):
+        return None
+    held_out = {k: v for k, v in data_paths.as_dict().items() if k in keys}
+    if data_fingerprint(DataPaths(**held_out)) != data_fingerprint(DataPaths(**stored)):
         return None
     last = state["history"][-1]
     figures = {k: v for k, v in last.items() if k.startswith(("val/", "test/"))}
-    complete = "val/AP" in figures and ("test/AP" in figures or wanted["test_ann"] is None)
+    complete = "val/AP" in figures and ("test/AP" in figures or "test_ann" not in held_out)
     return figures if complete else None
 
 

@@ -17,6 +17,7 @@ from dmkd.metrics import BEST_VAL_AP, VAL_AP
 from orchestrator.searcher import PruningAwareOptunaSearch
 from orchestrator.space import Objective, SweepSpace, define_by_run, paper_default_point
 from orchestrator.storage import sqlite_url
+from orchestrator.trial import trial_resources
 
 
 class StatusTable(tune.CLIReporter):
@@ -48,28 +49,33 @@ def tune_callbacks(*extra) -> list:
     return [JsonLoggerCallback(), CSVLoggerCallback(), *extra]
 
 
-def make_tuner(trainable: Callable, *, storage_path: str, name: str, header: str, objective: Objective,
-               columns: list[str], callbacks: list, param_space: dict | None = None, searcher: Callable | None = None,
-               scheduler: TrialScheduler | None = None, num_samples: int = 1, max_concurrent: int = 1) -> tune.Tuner:
+def make_tuner(trainable: Callable, *, space: SweepSpace, storage_path: str, name: str, header: str, columns: list[str],
+               callbacks: list, param_space: dict | None = None, searcher: Callable | None = None,
+               scheduler: TrialScheduler | None = None, num_samples: int = 1, objective: Objective | None = None) -> tune.Tuner:
     """The Tuner of run ``name`` under ``storage_path`` (a folder or a cloud URI): the stored one,
     continued (errored and unfinished trials included), when it exists; else a new one, whose search
     ``searcher()`` builds (only then: building an Optuna search enqueues its first point in the study,
-    which a continued run must not get twice). Every trial fails for good on its first error (its
-    worker restarts are the trainable's own), reports to the status table with ``columns`` under
-    ``header``, and writes what ``tune_callbacks`` keeps."""
+    which a continued run must not get twice). Each trial reserves what ``trial_resources`` says for
+    ``space``; a one-worker trial that fails is restarted from its last checkpoint up to
+    ``space.max_failures`` times (a Train worker group restarts its own workers, so Tune does not).
+    Trials report to the status table with ``columns`` under ``header`` and write what
+    ``tune_callbacks`` keeps."""
+    trainable = tune.with_resources(trainable, trial_resources(space))
     path = f"{storage_path}/{name}"
     if tune.Tuner.can_restore(path):
         print(f"{header.split(':')[0]}: continuing {path}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
-    search_alg = ConcurrencyLimiter(searcher(), max_concurrent=max_concurrent) if searcher is not None else None
+    search_alg = ConcurrencyLimiter(searcher(), max_concurrent=space.max_concurrent) if searcher is not None else None
+    max_failures = space.max_failures if space.resources.num_workers == 1 else 0
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=None if search_alg is not None else max_concurrent,
+                                    max_concurrent_trials=None if search_alg is not None else space.max_concurrent,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=tune_callbacks(*callbacks),
-                                  progress_reporter=StatusTable(header, objective, columns),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+                                  progress_reporter=StatusTable(header, objective or space.objective, columns),
+                                  failure_config=tune.FailureConfig(max_failures=max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
 
 
 def build_searcher(space: SweepSpace, *, study_folder: Path | None, study_name: str,

@@ -24,11 +24,11 @@ def _row_entry(row_name: str, row: dict, members: list[StoredTrial], split: str,
     """One row of the table: per-seed figures on ``split`` and their summaries, from its finished trials."""
     finals: dict[int, dict] = {}
     for trial in members:
-        final = trial.final(budget) if trial.error is None else None
+        final = trial.final(budget) if not trial.failed(budget) else None
         if final is not None:
             finals[trial.config["seed"]] = final
-    failed = [t for t in members if t.error is not None]
-    firsts = [t.history[0] for t in members if t.error is None and t.history]
+    failed = [t for t in members if t.failed(budget)]
+    firsts = [t.history[0] for t in members if not t.failed(budget) and t.history]
     entry = {"row": row_name, "method": row["method"], "params": row.get("params", {}), "split": split,
              "seeds": sorted(finals), "failed": len(failed), "tuning": tuning.get(row_name),
              "failures": [f"seed {t.config.get('seed')}: {t.error}" for t in failed],
@@ -149,7 +149,7 @@ def ablation_section(experiment: ExperimentRecord, trials: list[StoredTrial], te
     report["tuning_seed"] = (record.get("plan") or {}).get("tuning_seed")
     lines = ablation_markdown(table, teacher, split, report["pairing"], record.get("tuning") or {},
                               seeds=report["seeds"], tuning_seed=report["tuning_seed"])
-    groups = {e["row"]: [t.history for t in trials if t.config.get("row") == e["row"] and t.error is None]
+    groups = {e["row"]: [t.history for t in trials if t.config.get("row") == e["row"] and not t.failed(experiment.budget)]
               for e in table}
     plot_epochs(groups, out / "ap_per_epoch.png")
     return Section(lines, ["ap_per_epoch.png"], reference["AP"]["mean"] if reference else None,

@@ -47,7 +47,7 @@ def rung_validity(trials: list[StoredTrial], budget: int, metric: str) -> list[d
     """For every epoch at which the scheduler stopped trials (a rung): the Spearman correlation between
     ``metric`` at that epoch and at the full budget, over the trials that completed the budget, with a
     one-line warning when it is below 0.5 or rests on too few trials."""
-    finished = [t for t in trials if t.error is None and t.history]
+    finished = [t for t in trials if not t.failed(budget) and t.history]
     stopped: dict[int, int] = {}
     for trial in finished:
         last = trial.last.get("epoch")

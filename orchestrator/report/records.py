@@ -15,12 +15,19 @@ from dmkd.metrics import VAL_AP
 @dataclass(frozen=True)
 class StoredTrial:
     """One trial as stored: its values from Tune (``config``), every result it reported (``history``,
-    one entry per epoch) and, when it failed, the last line of its error."""
+    one entry per epoch) and, when it failed (maybe only before a retry that then finished: Tune keeps
+    the error file), the last line of its error and how many times it failed."""
 
     trial_id: str
     config: dict
     history: list[dict]
     error: str | None = None
+    failures: int = 0
+
+    def failed(self, budget: int) -> bool:
+        """Failed for good: an error, and the budget was not reached (Tune restarts a failed one-worker
+        trial from its checkpoint; one that then finished has an error file but completed)."""
+        return self.error is not None and self.epochs < budget
 
     @property
     def last(self) -> dict:
@@ -70,11 +77,12 @@ def read_trials(folder: Path) -> list[StoredTrial]:
         params_file, result_file, error_file = (trial_folder / name for name in ("params.json", "result.json", "error.txt"))
         config = read_json(params_file, "trial parameters") if params_file.is_file() else {}
         history = _history(result_file) if result_file.is_file() else []
-        error = None
+        error, failures = None, 0
         if error_file.is_file():
-            lines = [line for line in error_file.read_text().strip().splitlines() if line.strip()]
-            error = lines[-1] if lines else "failed"
-        trials.append(StoredTrial(trial_folder.name.split("_")[2], config, history, error))
+            text = error_file.read_text()
+            lines = [line for line in text.strip().splitlines() if line.strip()]
+            error, failures = (lines[-1] if lines else "failed"), max(1, text.count("Failure # "))
+        trials.append(StoredTrial(trial_folder.name.split("_")[2], config, history, error, failures))
     return trials
 
 
@@ -86,7 +94,7 @@ def from_result(result) -> StoredTrial:
         parts = Path(result.path).name.split("_") if result.path else []
         trial_id = parts[2] if len(parts) > 2 else "?"
     error = one_line(result.error) if result.error is not None else None
-    return StoredTrial(trial_id, dict(result.config or {}), [metrics] if metrics else [], error)
+    return StoredTrial(trial_id, dict(result.config or {}), [metrics] if metrics else [], error, int(error is not None))
 
 
 def reference_trials(experiment: Path, row_name: str) -> list[StoredTrial]:

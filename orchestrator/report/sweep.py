@@ -54,8 +54,8 @@ def leaderboard(trials: list[StoredTrial], space: dict, reference: float | None 
         full = trial.epochs == budget and figures[VAL_AP] is not None and reference is not None
         rows.append(LeaderboardRow(trial.trial_id, {name: trial.config.get(name) for name in sorted(space.get("search", {}))},
                                    figures, trial.epochs,
-                                   trial_status(trial.error is not None, trial.epochs, budget, space["scheduler"]["type"]),
-                                   trial.error or "", figures[VAL_AP] - reference if full else None))
+                                   trial_status(trial.failed(budget), trial.epochs, budget, space["scheduler"]["type"]),
+                                   (trial.error or "") if trial.failed(budget) else "", figures[VAL_AP] - reference if full else None))
     sign = -1 if objective["mode"] == "max" else 1
 
     def key(row: LeaderboardRow):

@@ -349,3 +349,21 @@ def test_an_ablation_on_a_uri_storage_writes_nothing_beside_it(tmp_path, mini_da
     assert not (stored / "ablation.json").exists() and not (stored / "report.md").exists()
     assert not (tmp_path / "bucket" / "references").exists()
     assert "sync it and run `python -m orchestrator.report`" in run.stdout
+
+
+def test_a_trial_that_failed_and_then_finished_on_a_retry_counts_as_finished(tmp_path):
+    """Tune keeps a trial's error file after a retry that finished (a one-worker trial restarted from its
+    checkpoint): what decides is whether the budget was reached."""
+    from orchestrator.report.records import read_trials
+
+    for name, epochs in (("run_trial_aaa_0", 2), ("run_trial_bbb_0", 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps({"row": "mgd", "seed": 0}))
+        (folder / "result.json").write_text("\n".join(json.dumps({"epoch": e, "val/AP": 0.1 * e}) for e in range(1, epochs + 1)))
+        (folder / "error.txt").write_text("Failure # 1 (occurred at ...)\nActorDiedError: killed\n")
+    recovered, stopped = read_trials(tmp_path)
+    assert recovered.failures == 1 and not recovered.failed(2) and stopped.failed(2)
+    rows = {"none": {"method": "none", "params": {}}, "mgd": {"method": "mgd", "params": {}}}
+    (entry,) = [e for e in ablation_table([recovered], rows, budget=2) if e["row"] == "mgd"]
+    assert entry["failed"] == 0 and entry["seeds"] == [0]

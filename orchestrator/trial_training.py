@@ -1,0 +1,77 @@
+"""What every trial trains and reports, whichever path runs it (``orchestrator.trial``: in the Tune trial
+itself, or on a Ray Train worker group): ``dmkd.engine.fit`` from the last checkpoint, the figures of
+every epoch with the best val AP so far, and a checkpoint folder holding ``checkpoint.pt``,
+``metrics.json`` and, after the last epoch, the method's picture."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from ray.train import Checkpoint
+
+from dmkd.checkpoint import CHECKPOINT_NAME
+from dmkd.config import TrainConfig
+from dmkd.distillers import detector_family, method_parameters, picture_of
+from dmkd.engine import Data, fit, load_data
+from dmkd.metrics import BEST_VAL_AP, VAL_AP, read_metrics
+from dmkd.pairing import build_distillation
+
+PICTURE_PNG = "attention.png"
+
+
+def _draw_picture(cfg: TrainConfig, data: Data, teacher, folder: Path) -> None:
+    """The method's own picture of the run (DMKD: the teacher's attention and masks) on the first
+    validation image, from the data and teacher the trial already holds; nothing for other methods."""
+    picture = picture_of(cfg.method)
+    if picture is None or teacher is None:
+        return
+    image, _ = data.val[0]
+    device = next(teacher.parameters()).device
+    features = {k: v.cpu() for k, v in teacher([image.to(device)]).items()}  # TeacherFeatures runs under no_grad
+    params = {**method_parameters(cfg.method, detector_family(cfg.detector.arch)), **cfg.distill}
+    picture(image, features, params, folder / PICTURE_PNG)
+
+
+def train_and_report(config: dict, checkpoint: Checkpoint | None, report: Callable, rank: int = 0) -> None:
+    """Train ``config["train"]`` (a TrainConfig as a dict) from ``checkpoint`` (the last one reported, when
+    a trial is restarted or a sweep restored), calling ``report(metrics, checkpoint=...)`` after every epoch:
+    ``ray.tune.report`` in a one-worker trial, ``ray.train.report`` on every rank of a Train worker group."""
+    local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
+    cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
+    resume_from, resumed_epoch, best = None, 0, []
+    if checkpoint is not None:  # continue from the last epoch
+        with checkpoint.as_directory() as folder:
+            if (Path(folder) / CHECKPOINT_NAME).is_file():
+                resume_from = local.with_name(local.name + "-resume.pt")  # beside, not inside, the checkpoint folder
+                shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
+                recorded = read_metrics(folder)
+                resumed_epoch = recorded["final"]["epoch"]
+                best = [e[VAL_AP] for e in recorded["epochs"] if VAL_AP in e]
+    node = ray.get_runtime_context().get_node_id()
+    data = load_data(cfg)  # loaded once: the loop and the picture share data and teacher
+    teacher, distiller = build_distillation(cfg, data.train.num_classes) if cfg.method != "none" else (None, None)
+
+    def on_epoch_end(epoch: int, metrics: dict, written: Path | None) -> None:
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if VAL_AP in metrics:
+            best.append(metrics[VAL_AP])
+        if best:
+            metrics[BEST_VAL_AP] = max(best)  # the best epoch so far (its checkpoint may not be kept)
+        metrics.update(resumed_from_epoch=resumed_epoch, node_id=node)
+        if written is None:
+            report(metrics, checkpoint=None)
+            return
+        if epoch == cfg.epochs:
+            _draw_picture(cfg, data, teacher, local)
+        report(metrics, checkpoint=Checkpoint.from_directory(str(local)))
+
+    try:
+        fit(cfg, distiller=distiller, teacher=teacher, data=data, on_epoch_end=on_epoch_end, progress=False,
+            resume_from=resume_from)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+        if resume_from is not None:
+            resume_from.unlink(missing_ok=True)
