@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import subprocess
@@ -46,7 +47,7 @@ def sobol_points(search: dict, count: int, seed: int = 0) -> list[dict]:
     from scipy.stats import qmc
 
     names = list(search)
-    if any(search[n].type in ("categorical", "int") for n in names):
+    if any(search[n].type in ("categorical", "int") for n in names):  # (a joint space: one method's own at a time)
         raise SystemExit("error: the table generator takes continuous parameters only (uniform, loguniform)")
     unit = qmc.Sobol(len(names), scramble=True, seed=seed).random(count)
     points = []
@@ -84,17 +85,47 @@ def write_plan(space_path: Path, points: list[dict], seeds: int, teacher: str, p
     return len(plan)
 
 
+def _value(value) -> str:
+    return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _csv_row(config: int, seed: int, entry: dict, params: dict, search: dict) -> list:
-    return [config, seed, entry["epoch"], f"{entry['val/AP']:.6f}", *[f"{params[n]:.6g}" for n in search]]
+    return [config, seed, entry["epoch"], f"{entry['val/AP']:.6f}", *[_value(params.get(n)) for n in search]]
+
+
+def joint_plan(grid: Path, points: int, seeds: int, teacher: str, path: Path) -> int:
+    """The joint space's table as a plan for ``bench/table_runner.py``: ``points`` scrambled Sobol points
+    of each method's own space (the undistilled student once), each trained with ``seeds`` seeds, every
+    run the TrainConfig a trial of the grid's base space would get; entries keep their joint point."""
+    from joint_space import joint_methods, joint_search, own_search, split
+
+    from dmkd.config import to_dict
+
+    space = load_space(DEFAULT_SPACE)
+    methods = joint_methods(grid)
+    search = joint_search(methods)
+    joint = [{"method": "none"}] if "none" in methods else []
+    for method in (m for m in methods if m != "none"):
+        own = own_search(search, method)
+        joint += [{"method": method, **point} for point in sobol_points(own, points, seed=len(joint))]
+    plan = []
+    for seed in range(seeds):
+        for i, point in enumerate(joint):
+            method, params = split(point)
+            cfg = space.train_config(params, method=method, seed=seed, teacher_checkpoint=teacher if method != "none" else None)
+            plan.append({"id": f"p{i:03d}_s{seed}", "joint": point, "config": to_dict(cfg)})
+    path.write_text(json.dumps(plan, indent=1))
+    return len(plan)
 
 
 def trial_rows(experiment: Path, search: dict) -> list[list]:
     """The table's rows from a finished ablation run (the Ray path)."""
     record = json.loads((experiment / "ablation.json").read_text())
+    budget = record["space"]["budget"]["epochs"]
     rows = []
     for trial in read_trials(experiment):
         row = trial.config.get("row")
-        if not row or not row.startswith("p") or trial.error is not None:
+        if not row or not row.startswith("p") or trial.failed(budget):
             continue
         params = record["rows"][row]["params"]
         rows += [_csv_row(int(row[1:]), trial.config["seed"], e, params, search)
@@ -109,7 +140,7 @@ def run_rows(runs: Path, plan: Path, search: dict) -> list[list]:
         config = entry["config"]
         if not finished(runs / entry["id"], config["epochs"]):
             continue
-        params = {**config["distill"], **{k: config[k] for k in search if k in config}}
+        params = entry.get("joint") or {**config["distill"], **{k: config[k] for k in search if k in config}}
         rows += [_csv_row(int(entry["id"][1:4]), config["seed"], e, params, search)
                  for e in read_metrics(runs / entry["id"])["epochs"] if VAL_AP in e]
     return rows
@@ -147,15 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", help="with --plan-only: the teacher checkpoint path the runs will read")
     parser.add_argument("--from-runs", type=Path, metavar="RUNS", help="export from table_runner.py's runs (with --plan)")
     parser.add_argument("--plan", type=Path, help="the plan the runs in --from-runs were made from")
+    parser.add_argument("--joint", type=Path, metavar="GRID", help="the joint method-and-settings space of an ablation "
+                        "grid's methods (e.g. search_spaces/methods.yaml): --points per method, with --plan-only or --from-runs")
     args = parser.parse_args(argv)
 
     space = load_space(args.space)
+    if args.joint:
+        from joint_space import joint_methods, joint_search
+
+        space = dataclasses.replace(space, search=joint_search(joint_methods(args.joint)))
     experiment = Path(args.storage) / args.name
     started = time.time()
     if args.plan_only:
         if not args.teacher:
             raise SystemExit("error: --plan-only needs --teacher (the checkpoint path on the machine that trains)")
-        count = write_plan(args.space, sobol_points(space.search, args.points), args.seeds, args.teacher, args.plan_only)
+        count = (joint_plan(args.joint, args.points, args.seeds, args.teacher, args.plan_only) if args.joint else
+                 write_plan(args.space, sobol_points(space.search, args.points), args.seeds, args.teacher, args.plan_only))
         print(f"{count} runs -> {args.plan_only}")
         return 0
     if args.from_runs and not args.plan:

@@ -7,9 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from bench.search_efficiency import Lookup, OptunaProposer, compute_to_reach, load_table, replay, rung_correlations
+from bench.replay import Clock, Lookup, OptunaProposer, load_table, normalised_regret, one_epoch_top_k, replay, rung_correlations
+from bench.search_efficiency import compute_to_reach
 from orchestrator.space import DEFAULT_SPACE
 from orchestrator.space_file import load_space
+from tests.helpers import ROOT
 
 # val AP per epoch, two seeds each: B is best at the end; C leads after epoch 1, then collapses
 CURVES = {0: {"alpha": 1e-6, "seeds": [[0.10, 0.20, 0.30], [0.12, 0.22, 0.32]]},
@@ -66,14 +68,14 @@ def test_asha_replay_stops_the_collapsing_trial_and_scores_by_the_mean(table_pat
     # sequential ASHA, grace 1, factor 2 (rungs at epochs 1 and 2): A and B complete; C passes epoch 1
     # (0.3 above the median of 0.1/0.2 recorded there) and is stopped at epoch 2 (0.1 below 0.2/0.4's)
     proposer = Scripted([_point(1e-6), _point(1e-5), _point(1e-4)])
-    curve = replay(lookup, proposer, budget=9, concurrency=1, asha=(1, 2), seed=0)
+    curve = replay(lookup, proposer, budget=9, concurrency=1, asha=(1, 2), seed=0).by_compute
     assert [pruned for _, _, pruned in proposer.told] == [False, False, True]
     assert proposer.told[2][0] == 1e-4
     # compute 3 after A; 6 after B; C stopped after 2 epochs (8), then no full trial fits in the last unit
     assert curve[2] == pytest.approx(0.31) and curve[5] == pytest.approx(0.59) and curve[-1] == pytest.approx(0.59)
     assert curve[:2].tolist() == [0.0, 0.0]
 
-    without = replay(lookup, Scripted([_point(1e-6), _point(1e-5), _point(1e-4)]), budget=9, asha=None, seed=0)
+    without = replay(lookup, Scripted([_point(1e-6), _point(1e-5), _point(1e-4)]), budget=9, asha=None, seed=0).by_compute
     assert without[-1] == pytest.approx(0.59) and compute_to_reach(without, 0.59) == 6
 
 
@@ -90,16 +92,49 @@ def test_tpe_proposer_starts_from_the_paper_default():
     assert first == {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.65, "channel_ratio": 0.65}
 
 
+def test_regret_is_normalised_over_the_tables_range(table_path):
+    table = load_table(table_path, load_space(DEFAULT_SPACE).search)
+    # mean final AP: A 0.31, B 0.59 (best), C 0.06 (worst)
+    regret = normalised_regret(np.array([0.0, 0.31, 0.59, 0.06]), table)
+    assert regret.tolist() == pytest.approx([1.0, (0.59 - 0.31) / (0.59 - 0.06), 0.0, 1.0])
+
+
+def test_the_wall_clock_charges_every_trial_start(table_path):
+    """Start-up 10 s, epochs 2 s: one worker finishes A at 10 + 3 x 2 = 16 s and B at 16 + 16 = 32 s; two
+    workers start both at once and finish both at 16 s. Compute is the same on both clocks."""
+    lookup = Lookup(load_table(table_path, load_space(DEFAULT_SPACE).search), load_space(DEFAULT_SPACE).search)
+    clock = Clock(startup_s=10.0, epoch_s=2.0)
+    one = replay(lookup, Scripted([_point(1e-6), _point(1e-5)]), budget=6, concurrency=1, seed=0, clock=clock)
+    assert one.events == [(16.0, pytest.approx(0.31)), (32.0, pytest.approx(0.59))] and one.trials_started == 2
+    assert one.at_times(np.array([15.0, 16.0, 31.0, 40.0]), 0.0).tolist() == pytest.approx([0.0, 0.31, 0.31, 0.59])
+    two = replay(lookup, Scripted([_point(1e-6), _point(1e-5)]), budget=6, concurrency=2, seed=0, clock=clock)
+    assert [moment for moment, _ in two.events] == [16.0, 16.0] and two.by_compute[-1] == pytest.approx(0.59)
+    no_startup = replay(lookup, Scripted([_point(1e-6), _point(1e-5)]), budget=6, concurrency=1, seed=0, clock=Clock(0.0, 2.0))
+    assert [moment for moment, _ in no_startup.events] == [6.0, 12.0]
+
+
+def test_the_one_epoch_baseline_finishes_the_best_first_epochs(table_path):
+    """Budget 9 of 3 epochs: 7 configurations for one epoch, the best one finished. C leads after one epoch
+    (0.30) and collapses, so the baseline ends with C's mean final AP: the failure mode it risks."""
+    space = load_space(DEFAULT_SPACE)
+    lookup = Lookup(load_table(table_path, space.search), space.search)
+    run = one_epoch_top_k(lookup, space, budget=9, seed=0)
+    assert run.trials_started == 8 and run.by_compute[-1] == pytest.approx(0.06)
+    assert run.by_compute[:7].tolist() == [0.0] * 7
+
+
 def test_cli_replays_a_table_and_writes_the_curves(table_path, tmp_path):
     run = subprocess.run([sys.executable, "bench/search_efficiency.py", "--table", str(table_path), "--repeats", "3",
-                          "--trials", "4", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                          "--trials", "4", "--concurrency", "1", "2", "--processes", "1", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert set(summary["searchers"]) == {"random", "tpe", "asha+random", "asha+tpe"}
+    names = {"random", "tpe", "asha+random", "asha+tpe", "one-epoch top-K"}
+    assert set(summary["searchers"]) == {f"{n} @{c}" for n in names for c in (1, 2)}
     assert summary["budget_trial_epochs"] == 12 and summary["best_configuration_AP"] == pytest.approx(0.59)
-    assert "compute to target" in run.stdout and (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "speed-up, wall-clock" in run.stdout and (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((tmp_path / "out" / "curves.csv").open()))
-    assert len(rows) == 4 * 12
+    assert len(rows) == 5 * 2 * (12 + 200)
 
 
 def test_a_table_must_hold_the_space_parameters(tmp_path):
@@ -171,3 +206,36 @@ def test_seed_noise_is_measured_from_seed_pairs_and_added_to_one_seed_rows(table
     # a configuration with two measured seeds draws among them, with nothing added
     two = Lookup(table, space.search, noise).observe(1, rng)
     assert any(np.allclose(two, seed) for seed in CURVES[1]["seeds"])
+
+
+def test_the_joint_space_plans_each_methods_own_points_and_looks_up_within_a_method(tmp_path):
+    """The joint method-and-settings space: a plan of each method's own Sobol points (its parameters
+    under METHOD.NAME), the undistilled student once; a proposed point is answered by the nearest
+    configuration of the same method only."""
+    from bench.joint_space import joint_methods, joint_search, split
+    from bench.search_table import joint_plan
+
+    methods = joint_methods()
+    assert methods[0] == "none" and {"mgd", "fgd", "pkd", "dmkd", "crosskd", "dmkd+crosskd"} <= set(methods)
+    search = joint_search(methods)
+    assert search["mgd.alpha"].when == {"method": ["mgd"]} and search["fgd.alpha"].high != search["mgd.alpha"].high
+    plan = tmp_path / "plan.json"
+    count = joint_plan(ROOT / "search_spaces" / "methods.yaml", 2, 1, "teacher.pt", plan)
+    entries = json.loads(plan.read_text())
+    assert count == len(entries) == 1 + 2 * (len(methods) - 1)
+    for entry in entries:
+        method, params = split(entry["joint"])
+        assert entry["config"]["method"] == method and entry["config"]["distill"] == params
+        assert (entry["config"]["teacher_checkpoint"] == "teacher.pt") == (method != "none")
+    rows = [["config", "seed", "epoch", "val_AP", *search]]
+    points = {0: {"method": "mgd", "mgd.alpha": 1e-6, "mgd.lambda_mgd": 0.5}, 1: {"method": "mgd", "mgd.alpha": 1e-4,
+              "mgd.lambda_mgd": 0.5}, 2: {"method": "fitnet", "fitnet.weight": 0.1}, 3: {"method": "none"}}
+    for config, point in points.items():
+        rows += [[config, 0, epoch, 0.1 * epoch + 0.01 * config, *[point.get(n, "") for n in search]] for epoch in (1, 2)]
+    table_file = tmp_path / "joint.csv"
+    with table_file.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    lookup = Lookup(load_table(table_file, search), search)
+    assert lookup.nearest({"method": "mgd", "mgd.alpha": 2e-6, "mgd.lambda_mgd": 0.9}) == 0
+    assert lookup.nearest({"method": "mgd", "mgd.alpha": 5e-5, "mgd.lambda_mgd": 0.5}) == 1
+    assert lookup.nearest({"method": "fitnet", "fitnet.weight": 9.0}) == 2 and lookup.nearest({"method": "none"}) == 3
