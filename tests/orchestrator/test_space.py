@@ -215,6 +215,35 @@ def test_a_trial_stopped_early_is_pruned_in_the_study(tmp_path):
     assert trials[1].user_attrs["epochs"] == 1 and trials[1].intermediate_values == {1: 0.05}
 
 
+def test_a_trial_whose_end_the_study_already_holds_ends_again_quietly(tmp_path):
+    """A sweep killed after a trial's end reached the study but before Tune saved its state restores a
+    searcher that thinks the trial still runs; the trial then ends a second time."""
+    space = load_space(DEFAULT_SPACE)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+    def searcher():
+        return PruningAwareOptunaSearch(space=define_by_run(space), metric="val/AP", mode="max",
+                                        sampler=optuna.samplers.TPESampler(seed=0), storage=storage,
+                                        study_name="s", full_epochs=3, startup_trials=10)
+
+    before = searcher()
+    before.suggest("a")
+    before.suggest("b")
+    before.on_trial_result("a", {"val/AP": 0.1, "epoch": 1})
+    before.save(str(tmp_path / "searcher.pkl"))  # Tune's last saved state
+    before.on_trial_complete("a", {"val/AP": 0.3, "epoch": 3})
+    before.on_trial_complete("b", {"val/AP": 0.05, "epoch": 1})
+
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("a", {"val/AP": 0.2, "epoch": 2})
+    restored.on_trial_complete("a", {"val/AP": 0.3, "epoch": 3})
+    restored.on_trial_complete("b", {"val/AP": 0.05, "epoch": 1})
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert trials[0].intermediate_values == {1: 0.1} and trials[0].value == 0.3
+
+
 def _sweep_cli(*args):
     return run_module("orchestrator.sweep", *args)
 
