@@ -20,7 +20,7 @@ from orchestrator.callbacks import wandb_callbacks
 from orchestrator.experiment import Experiment, Storage, open_experiment
 from orchestrator.grid import Grid, Row, row_space, rows_record, sampler_seed
 from orchestrator.report.publish import write_report
-from orchestrator.report.records import StoredTrial, from_result, read_trials
+from orchestrator.report.records import StoredTrial, from_result, read_trials, reference_ap
 from orchestrator.report.search import study_origins, sweep_search, tuning_compute
 from orchestrator.report.sweep import LeaderboardRow, leaderboard, leaderboard_text, write_results
 from orchestrator.space import SweepSpace, describe, paper_default_point
@@ -62,7 +62,7 @@ def run_sweep(space: SweepSpace, *, name: str, storage: Storage, wandb_mode: str
             atomic_write_json(folder / "sweep.json", {**record, "teacher_checkpoint": opened.teacher,
                                                       "data": opened.paths.as_dict()})
         result_grid = tuner.fit()
-    rows = leaderboard(_stored(result_grid, storage, name), describe(space))
+    rows = leaderboard(_stored(result_grid, storage, name), describe(space), reference_ap(folder) if folder else None)
     print("\n" + leaderboard_text(rows))
     if folder:
         _finish_sweep(rows, folder, space, wandb_mode)

@@ -71,9 +71,10 @@ def leaderboard_text(rows: list[LeaderboardRow], limit: int = 20) -> str:
     params = list(rows[0].params) if rows else []
     lines = [["trial", *params, "AP", "Δ AP", "AP50", "epochs", "status"]]
     for row in rows[:limit]:
-        values = [row.params[name] for name in params] + [row.figures.get(VAL_AP), row.delta_AP,
-                                                            row.figures.get(split_metric("val", "AP50"))]
+        values = [row.params[name] for name in params] + [row.figures.get(VAL_AP)]
         cells = ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+        delta, ap50 = row.delta_AP, row.figures.get(split_metric("val", "AP50"))
+        cells += ["-" if delta is None else f"{delta:+.4f}", "-" if ap50 is None else f"{ap50:.4g}"]
         lines.append([f"run_trial_{row.trial_id}", *cells, str(row.epochs), row.status])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines)

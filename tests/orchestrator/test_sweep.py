@@ -1,5 +1,6 @@
 """Real sweeps on a local Ray (the first with 2 gloo workers per trial), tiny budgets, real Optuna SQLite, W&B offline.
 One Ray instance at a time: each sweep runs as its own `python -m orchestrator.sweep` process."""
+import csv
 import json
 import subprocess
 
@@ -49,8 +50,6 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
         assert len(stopped) == 1
 
     # results.csv matches what Tune recorded for each trial
-    import csv
-
     rows = list(csv.DictReader((experiment / "results.csv").open()))
     assert {row["trial_id"] for row in rows} == set(tune_results)
     for row in rows:
@@ -94,6 +93,12 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
     for entry in report["leaderboard"]:  # Δ only at the reference's budget
         expected = entry["val/AP"] - reference["final"]["val/AP"] if entry["epochs"] == 2 else None
         assert entry["delta_AP"] == (pytest.approx(expected) if expected is not None else None)
+        # the terminal's leaderboard and results.csv carry the same Δ
+        (line,) = [line for line in run.stdout.splitlines() if line.startswith(f"run_trial_{entry['trial_id']} ")]
+        assert (f"{expected:+.4f}" if expected is not None else " - ") in line
+    with (experiment / "results.csv").open() as handle:
+        stored = {row["trial_id"]: row["delta_AP"] for row in csv.DictReader(handle)}
+    assert stored == {e["trial_id"]: "" if e["delta_AP"] is None else str(e["delta_AP"]) for e in report["leaderboard"]}
 
     # trials ASHA stopped: the rung's rank check (too few completed trials here to say), one budget in plots
     (rung,) = report["rungs"]
