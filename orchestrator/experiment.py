@@ -48,7 +48,7 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
     # on top, and keep the dashboard, whose state API Ray Train's placement-group cleaner asks whether a
     # stopped trial's controller is gone (without it, the CPUs of every trial ASHA stops stay reserved).
     # One-worker trials hold their own CPUs and start no Train run: neither is needed.
-    ray_train = space.resources.num_workers > 1
+    ray_train = space.resources.worker_group
     num_cpus = (os.cpu_count() or 1) + (space.max_concurrent if ray_train else 0)
     # Ray Train watches for node preemption (spot instances) with one more actor process per trial; on
     # the one machine this Ray runs on there is nothing to preempt. Measured on 2 cores: the tuned-ablation

@@ -93,6 +93,12 @@ class Resources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
 
+    @property
+    def worker_group(self) -> bool:
+        """Whether a trial runs as a Ray Train worker group (several workers, DDP); a one-worker trial
+        trains in its own Tune trial."""
+        return self.num_workers > 1
+
 
 @dataclass(frozen=True)
 class WandbSettings:

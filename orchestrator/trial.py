@@ -89,7 +89,7 @@ def trial_resources(space: SweepSpace) -> dict[str, float]:
     """What Tune reserves for one trial: a one-worker trial's own CPUs (and GPU share); a multi-worker
     trial's driver function holds one CPU while its Train workers hold theirs."""
     resources = space.resources
-    if resources.num_workers > 1:
+    if resources.worker_group:
         return {"cpu": 1}
     return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker if resources.use_gpu else 0}
 
@@ -100,7 +100,7 @@ def run_trial(config: dict, *, space: SweepSpace, setup: TrialSetup, rows: dict[
     ``tune.with_parameters``. One worker: train here. Several: a TorchTrainer with a deterministic run name
     per trial, so that a restored sweep finds the run and its checkpoints."""
     train_cfg = trial_train_config(config, space=space, setup=setup, rows=rows)
-    if space.resources.num_workers == 1:
+    if not space.resources.worker_group:
         torch.set_num_threads(max(1, int(space.resources.cpus_per_worker)))  # the cores Tune reserved for it
         train_and_report({"train": to_dict(train_cfg)}, newest_stored_checkpoint() or ray.tune.get_checkpoint(),
                          ray.tune.report)

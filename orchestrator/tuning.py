@@ -51,7 +51,7 @@ def tune_callbacks(*extra) -> list:
 
 def make_tuner(trainable: Callable, *, space: SweepSpace, storage_path: str, name: str, header: str, columns: list[str],
                callbacks: list, param_space: dict | None = None, searcher: Callable | None = None,
-               scheduler: TrialScheduler | None = None, num_samples: int = 1, objective: Objective | None = None) -> tune.Tuner:
+               scheduler: TrialScheduler | None = None, num_samples: int = 1) -> tune.Tuner:
     """The Tuner of run ``name`` under ``storage_path`` (a folder or a cloud URI): the stored one,
     continued (errored and unfinished trials included), when it exists; else a new one, whose search
     ``searcher()`` builds (only then: building an Optuna search enqueues its first point in the study,
@@ -66,14 +66,14 @@ def make_tuner(trainable: Callable, *, space: SweepSpace, storage_path: str, nam
         print(f"{header.split(':')[0]}: continuing {path}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
     search_alg = ConcurrencyLimiter(searcher(), max_concurrent=space.max_concurrent) if searcher is not None else None
-    max_failures = space.max_failures if space.resources.num_workers == 1 else 0
+    max_failures = 0 if space.resources.worker_group else space.max_failures
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=None if search_alg is not None else space.max_concurrent,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=tune_callbacks(*callbacks),
-                                  progress_reporter=StatusTable(header, objective or space.objective, columns),
+                                  progress_reporter=StatusTable(header, space.objective, columns),
                                   failure_config=tune.FailureConfig(max_failures=max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
 
