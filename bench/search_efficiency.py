@@ -48,12 +48,6 @@ SEARCHERS = {"random": ("random", None), "tpe": ("tpe", None), "asha+random": ("
              "asha+tpe": ("tpe", "asha"), "one-epoch top-K": ("topk", None)}
 
 
-def compute_to_reach(curve: np.ndarray, target: float) -> int | None:
-    """Trial-epochs after which ``curve`` (an incumbent's AP by compute) first reaches ``target``."""
-    reached = np.nonzero(curve >= target - 1e-12)[0]
-    return int(reached[0]) + 1 if reached.size else None
-
-
 @dataclasses.dataclass
 class Setting:
     """What every replay of a call shares."""

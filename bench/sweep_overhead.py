@@ -39,13 +39,14 @@ ALPHAS = [2e-6, 5e-6, 1e-5, 2e-5, 5e-7, 1e-6]
 
 from dmkd.metrics import LOOP_STARTED_AT  # noqa: E402
 from dmkd.provenance import cpu_name, provenance  # noqa: E402
+from orchestrator.report.records import read_trials  # noqa: E402
 
 
 class Sampler:
     """CPU seconds and start times of every process under ``root`` (and ``root``), sampled until stopped."""
 
     def __init__(self, root: int, every: float = 0.25):
-        self.root, self.every, self.cpu, self.started, self.names = root, every, {}, {}, {}
+        self.root, self.every, self.cpu, self.started = root, every, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -61,7 +62,6 @@ class Sampler:
                     times = process.cpu_times()
                     self.cpu[process.pid] = times.user + times.system + times.children_user + times.children_system
                     self.started.setdefault(process.pid, process.create_time())
-                    self.names.setdefault(process.pid, " ".join(process.cmdline())[:120])
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             self._stop.wait(self.every)
@@ -69,10 +69,6 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _history(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plain(args, work: Path) -> dict:
@@ -121,8 +117,8 @@ def swept(args, work: Path) -> dict:
     sampler.stop()
     wall = time.perf_counter() - started
     startup, loops, loop_cpu = [], [], []
-    for result in (work / "exp" / "overhead").glob("run_trial_*/result.json"):
-        history = _history(result)
+    for trial in read_trials(work / "exp" / "overhead"):
+        history = trial.history
         trial_process = sampler.started.get(history[0]["pid"])  # the Tune trial's process (Tune adds its pid)
         startup.append(history[0][LOOP_STARTED_AT] - trial_process if trial_process else float("nan"))
         loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in history))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.replay import Clock, Lookup, OptunaProposer, load_table, normalised_regret, one_epoch_top_k, replay, rung_correlations
-from bench.search_efficiency import compute_to_reach
+from bench.search_efficiency import _time_to
 from orchestrator.space import DEFAULT_SPACE
 from orchestrator.space_file import load_space
 from tests.helpers import ROOT
@@ -76,7 +76,7 @@ def test_asha_replay_stops_the_collapsing_trial_and_scores_by_the_mean(table_pat
     assert curve[:2].tolist() == [0.0, 0.0]
 
     without = replay(lookup, Scripted([_point(1e-6), _point(1e-5), _point(1e-4)]), budget=9, asha=None, seed=0).by_compute
-    assert without[-1] == pytest.approx(0.59) and compute_to_reach(without, 0.59) == 6
+    assert without[-1] == pytest.approx(0.59) and _time_to(-without, np.arange(1, 10), -0.59) == 6  # reached after 6 trial-epochs
 
 
 def test_rung_correlation_of_the_table(table_path):
