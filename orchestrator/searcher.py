@@ -51,17 +51,21 @@ class PruningAwareOptunaSearch(OptunaSearch):
         """Intermediate values by epoch (not by Tune's iteration count, which grows on restarts)."""
         self._report(trial_id, result)
 
-    def restore(self, checkpoint_path: str) -> None:
-        """Ray's restore, then every trial the study already holds as finished counts as completed: a sweep
-        restored from an experiment state saved before a trial's end was recorded runs that end again, and
-        Optuna refuses to update a finished trial."""
-        super().restore(checkpoint_path)
-        stored = self._ot_study.get_trials(deepcopy=False)
-        self._completed_trials.update(trial_id for trial_id, ot_trial in self._ot_trials.items()
-                                      if stored[ot_trial.number].state.is_finished())
+    def _finished_in_study(self, trial_id: str) -> bool:
+        """Whether the study already holds this trial as finished: a sweep restored from an experiment
+        state saved before the trial's end was recorded runs the trial's end again, and Optuna refuses
+        to update a finished trial."""
+        ot_trial = self._ot_trials[trial_id]
+        stored = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+        if stored.state.is_finished():
+            self._completed_trials.add(trial_id)
+            return True
+        return False
 
     def _report(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        if self._finished_in_study(trial_id):
             return
         value, epoch = result.get(self.metric), result.get("epoch")
         reported = self._reported_epochs.setdefault(trial_id, set())
@@ -71,6 +75,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials and self._finished_in_study(trial_id):
+            return
         if ot_trial is not None and trial_id not in self._completed_trials and result:
             epoch = int(result.get("epoch", 0) or 0)
             ot_trial.set_user_attr("epochs", epoch)
