@@ -25,7 +25,14 @@ from orchestrator.report.search import study_origins, sweep_search, tuning_compu
 from orchestrator.report.sweep import LeaderboardRow, leaderboard, leaderboard_text, write_results
 from orchestrator.space import SweepSpace, describe, paper_default_point
 from orchestrator.trial import TrialSetup, run_trial
-from orchestrator.tuning import build_scheduler, build_searcher, check_finished, make_tuner, was_interrupted
+from orchestrator.tuning import (
+    build_scheduler,
+    build_searcher,
+    check_finished,
+    make_tuner,
+    set_aside_lost_trials,
+    was_interrupted,
+)
 
 
 def search_tuner(space: SweepSpace, *, name: str, storage: Storage, setup: TrialSetup, wandb_mode: str,
@@ -62,6 +69,7 @@ def run_sweep(space: SweepSpace, *, name: str, storage: Storage, wandb_mode: str
             atomic_write_json(folder / "sweep.json", {**record, "teacher_checkpoint": opened.teacher,
                                                       "data": opened.paths.as_dict()})
         result_grid = tuner.fit()
+    set_aside_lost_trials(result_grid, folder, name)
     rows = leaderboard(_stored(result_grid, storage, name), describe(space), reference_ap(folder) if folder else None)
     print("\n" + leaderboard_text(rows))
     if folder:
@@ -118,6 +126,7 @@ def tune_row(grid: Grid, row_name: str, row: Row, setup: TrialSetup, *, storage:
     tuner = search_tuner(space, name=row_name, storage=storage, setup=setup.stored_in(storage.uri(row_name, "train")),
                          wandb_mode=wandb_mode, job_type="tune", reference_file=reference_file, sampler_seed=seed)
     result_grid = tuner.fit()
+    set_aside_lost_trials(result_grid, storage.folder(row_name) if storage.local else None, row_name)
     check_finished(result_grid, f"tuning of row {row_name}")
     trials = _stored(result_grid, storage, row_name)
     rows = leaderboard(trials, describe(space))
@@ -179,6 +188,7 @@ def run_ablation(grid: Grid, *, name: str, storage: Storage, wandb_mode: str, ad
         failed, trials = 0, 0
         if distilled:
             result_grid = ablation_tuner(grid, distilled, opened, wandb_mode=wandb_mode).fit()
+            set_aside_lost_trials(result_grid, opened.folder if opened.local else None)
             check_finished(result_grid, "the ablation")
             failed, trials = sum(1 for result in result_grid if result.error is not None), len(result_grid)
     if storage.local:

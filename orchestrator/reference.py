@@ -22,7 +22,7 @@ from orchestrator.cache_key import training_key
 from orchestrator.grid import REFERENCE_ROW
 from orchestrator.space import SweepSpace
 from orchestrator.trial import TrialSetup, run_trial
-from orchestrator.tuning import check_finished, make_tuner
+from orchestrator.tuning import check_finished, make_tuner, set_aside_lost_trials
 
 KEPT = ("epoch", "val/", "test/", "loss/", "pairing/")
 
@@ -59,6 +59,7 @@ def ensure_references(space: SweepSpace, seeds: list[int], setup: TrialSetup, ca
         result_grid = make_tuner(trainable, space=plain, storage_path=str(folder), name=name,
                                  header=f"reference: none, {space.pair_name}", columns=["seed"], callbacks=[],
                                  param_space={"row": "none", "seed": tune.grid_search(missing)}).fit()
+        set_aside_lost_trials(result_grid, folder / name)
         check_finished(result_grid, "the reference training")
         for result in result_grid:
             seed = result.config["seed"]

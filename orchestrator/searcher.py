@@ -9,13 +9,18 @@ attribute.
 TPE samples at random until ``n_startup_trials`` trials have finished (COMPLETE or PRUNED): a study that
 never gets past them is random search, whatever the sampler's name. Each trial's user attribute
 ``origin`` says which it was: ``given`` (a point to evaluate first, e.g. the published default),
-``random`` (TPE's start-up) or ``tpe`` (proposed by TPE's model).
+``random`` (TPE's start-up) or ``tpe`` (proposed by TPE's model); ``tune_trial_id`` names its Tune trial.
 """
 from __future__ import annotations
 
+import optuna
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator.report.search import LOST
+
+TUNE_TRIAL_ID = "tune_trial_id"
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
@@ -32,6 +37,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
         params = super().suggest(trial_id)
         if new and trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr("origin", origin)
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
         return params
 
     def _next_origin(self) -> str:
@@ -88,3 +94,18 @@ class PruningAwareOptunaSearch(OptunaSearch):
                 self._completed_trials.add(trial_id)
                 return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def close_lost_trials(study: optuna.Study, known: set[str]) -> list[int]:
+    """Mark FAIL, with user attribute ``lost``, the study's RUNNING trials whose Tune trial is not among
+    ``known`` (the trials of the finished Tuner): Optuna holds a trial from the moment it is asked, Tune only
+    from its next saved experiment state, so a driver killed in between leaves a study trial that nothing
+    will ever end. Returns their numbers."""
+    lost = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        tune_id = trial.user_attrs.get(TUNE_TRIAL_ID)
+        if tune_id is not None and tune_id not in known:  # (no id: a study of an earlier version; left as is)
+            optuna.trial.Trial(study, trial._trial_id).set_user_attr(LOST, True)
+            study.tell(trial.number, state=TrialState.FAIL)
+            lost.append(trial.number)
+    return lost

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 from dataclasses import dataclass, field
 
 import pyarrow.fs
@@ -65,24 +66,34 @@ def trial_train_config(config: dict, *, space: SweepSpace, setup: TrialSetup,
 
 
 def newest_stored_checkpoint() -> Checkpoint | None:
-    """The newest complete checkpoint this trial stored (a ``checkpoint_*`` folder of its trial folder
-    holding ``checkpoint.pt`` and ``metrics.json``), or None. Tune records a trial's checkpoints in its
-    experiment state, saved every few seconds: a sweep whose driver was killed may not have recorded the
-    last ones, and would restart the trial from an earlier epoch."""
+    """The newest whole checkpoint this trial stored (a ``checkpoint_*`` folder of its trial folder, see
+    ``stored_epoch``), or None. Tune records a trial's checkpoints in its experiment state, saved every few
+    seconds: a sweep whose driver was killed may not have recorded the last ones, and would restart the
+    trial from an earlier epoch."""
     storage = ray.tune.get_context().get_storage()
     fs = storage.storage_filesystem
     newest, epoch = None, 0
     for info in fs.get_file_info(pyarrow.fs.FileSelector(storage.trial_fs_path, allow_not_found=True)):
         if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
-        files = fs.get_file_info([f"{info.path}/{CHECKPOINT_NAME}", f"{info.path}/{METRICS_FILE}"])
-        if any(f.type != pyarrow.fs.FileType.File for f in files):
-            continue  # being written, or not one of ours
-        with fs.open_input_stream(f"{info.path}/{METRICS_FILE}") as handle:
-            found = json.loads(handle.read())["final"]["epoch"]
-        if found > epoch:
+        found = stored_epoch(fs, info.path)
+        if found is not None and found > epoch:
             newest, epoch = info.path, found
     return Checkpoint(newest, filesystem=fs) if newest else None
+
+
+def stored_epoch(fs: pyarrow.fs.FileSystem, folder: str) -> int | None:
+    """The epoch the checkpoint folder ``folder`` holds, or None where it is not whole: ``metrics.json``
+    unreadable, or ``checkpoint.pt`` cut short (Ray copies a reported folder file by file, so a process
+    killed mid-copy leaves one; a torch checkpoint is a zip file, whose directory comes last)."""
+    try:
+        with fs.open_input_stream(f"{folder}/{METRICS_FILE}") as handle:
+            epoch = json.loads(handle.read())["final"]["epoch"]
+        with fs.open_input_file(f"{folder}/{CHECKPOINT_NAME}") as handle:
+            zipfile.ZipFile(handle).close()
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
+    return epoch
 
 
 def trial_resources(space: SweepSpace) -> dict[str, float]:

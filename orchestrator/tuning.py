@@ -14,7 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from dmkd.metrics import BEST_VAL_AP, VAL_AP
-from orchestrator.searcher import PruningAwareOptunaSearch
+from orchestrator.searcher import PruningAwareOptunaSearch, close_lost_trials
 from orchestrator.space import Objective, SweepSpace, define_by_run, paper_default_point
 from orchestrator.storage import sqlite_url
 from orchestrator.trial import trial_resources
@@ -110,6 +110,28 @@ def was_interrupted(result_grid) -> bool:
     """Tune returns normally when Ctrl-C stops an experiment: trials that neither finished nor failed
     mean it was interrupted."""
     return result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+
+
+def set_aside_lost_trials(result_grid, folder: Path | None, study_name: str | None = None) -> None:
+    """Trials Tune never recorded: a driver killed after Tune created a trial but before it saved its
+    experiment state (every ``TUNE_GLOBAL_CHECKPOINT_S`` seconds) forgets the trial, and the continued run
+    makes a new one in its place. Their folders in ``folder`` (a local storage) move to ``lost_trial_<id>``,
+    kept but out of every table, and their trials in the study ``study_name`` (``folder/optuna.db``) are
+    marked FAIL, ``lost``."""
+    if folder is None:
+        return
+    known = {Path(result.path).name.removeprefix("run_trial_") for result in result_grid if result.path}
+    lost = [f for f in sorted(folder.glob("run_trial_*")) if f.name.removeprefix("run_trial_") not in known]
+    for trial_folder in lost:
+        trial_folder.rename(folder / trial_folder.name.replace("run_trial_", "lost_trial_", 1))
+    numbers = []
+    if study_name is not None and (folder / "optuna.db").is_file():
+        numbers = close_lost_trials(optuna.load_study(study_name=study_name, storage=sqlite_url(folder / "optuna.db")),
+                                    known)
+    if lost or numbers:
+        print(f"{folder.name}: {len(lost)} trial folder(s) and {len(numbers)} study trial(s) of trials the stopped "
+              f"driver created but Tune never recorded: folders moved to lost_trial_*, study trials marked lost",
+              flush=True)
 
 
 def check_finished(result_grid, what: str) -> None:

@@ -14,13 +14,17 @@ from orchestrator.space import Resources, default_startup_trials
 from orchestrator.storage import sqlite_url
 
 ORIGINS = ("given", "random", "tpe")  # where a study's trial came from (orchestrator.searcher)
+LOST = "lost"  # user attribute of a study trial whose Tune trial the driver lost (searcher.close_lost_trials)
 FAR_FROM_CALIBRATED = 10.0  # a first point whose step-0 distillation loss is this many detector losses or more
 
 
 def origin_counts(trials) -> dict[str, int]:
-    """How many of a study's trials (Optuna ``FrozenTrial``s) came from each origin (``ORIGINS``)."""
+    """How many of a study's trials (Optuna ``FrozenTrial``s) came from each origin (``ORIGINS``); a trial
+    its Tune trial never ran (``lost``: the driver was killed) is not counted."""
     counts = {origin: 0 for origin in ORIGINS}
     for trial in trials:
+        if trial.user_attrs.get(LOST):
+            continue
         origin = trial.user_attrs.get("origin", "unknown")
         counts[origin] = counts.get(origin, 0) + 1
     return counts

@@ -2,7 +2,6 @@
 a killed trial process, Ctrl-C and a killed sweep driver, a loss that turns infinite. Each sweep runs as
 its own process; a test kills only processes that its own sweep started. (The multi-worker path, a Ray
 Train worker group, has its own test: tests/orchestrator/test_sweep.py.)"""
-import json
 import signal
 import subprocess
 import time
@@ -86,16 +85,18 @@ def _kill_family(process: subprocess.Popen) -> None:
 
 
 def _checkpointed_epochs(experiment: Path) -> dict[str, int]:
-    """trial id -> the last epoch of a checkpoint Tune has stored for it (what a resumed trial starts
-    from): each checkpoint folder's own metrics.json says which epoch it holds."""
+    """trial id -> the last epoch of a whole checkpoint stored for it (what a resumed trial starts from,
+    ``orchestrator.trial.stored_epoch``: a folder Ray is still copying does not count)."""
+    import pyarrow.fs
+
+    from orchestrator.trial import stored_epoch
+
     found: dict[str, int] = {}
-    for metrics in experiment.glob("run_trial_*/checkpoint_*/metrics.json"):
-        try:
-            epoch = json.loads(metrics.read_text())["final"]["epoch"]
-        except (OSError, ValueError, KeyError):  # being written
-            continue
-        trial_id = metrics.parent.parent.name.split("_")[2]
-        found[trial_id] = max(found.get(trial_id, 0), epoch)
+    for folder in experiment.glob("run_trial_*/checkpoint_*"):
+        epoch = stored_epoch(pyarrow.fs.LocalFileSystem(), str(folder))
+        if epoch is not None:
+            trial_id = folder.parent.name.split("_")[2]
+            found[trial_id] = max(found.get(trial_id, 0), epoch)
     return found
 
 

@@ -244,6 +244,40 @@ def test_a_trial_whose_end_the_study_already_holds_ends_again_quietly(tmp_path):
     assert trials[0].intermediate_values == {1: 0.1} and trials[0].value == 0.3
 
 
+
+def test_trials_a_killed_driver_created_but_tune_never_recorded_are_set_aside(tmp_path):
+    """Optuna holds a trial from the moment it is asked, Tune from its next saved state: a driver killed in
+    between leaves a trial folder and a RUNNING study trial that the continued sweep never ends (it makes a
+    new trial instead). After the Tuner, such folders move out of the tables and such study trials fail,
+    marked lost, out of the origin counts; trials of the Tuner, running or not, are left alone."""
+    from ray.tune import Result
+
+    from orchestrator.report.records import read_trials
+    from orchestrator.report.search import study_origins
+    from orchestrator.tuning import set_aside_lost_trials
+
+    space = load_space(DEFAULT_SPACE)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = PruningAwareOptunaSearch(space=define_by_run(space), metric="val/AP", mode="max",
+                                        sampler=optuna.samplers.TPESampler(seed=0), storage=storage,
+                                        study_name="s", full_epochs=3, startup_trials=10)
+    for trial_id in ("done", "lost", "new", "running"):
+        searcher.suggest(trial_id)
+        (tmp_path / f"run_trial_{trial_id}").mkdir()
+    searcher.on_trial_complete("done", {"val/AP": 0.3, "epoch": 3})
+    searcher.on_trial_complete("new", {"val/AP": 0.2, "epoch": 3})
+    grid = [Result(metrics={}, checkpoint=None, error=None, path=str(tmp_path / f"run_trial_{t}"))
+            for t in ("done", "new", "running")]  # "running": the Tuner's, e.g. after a Ctrl-C
+    assert study_origins(tmp_path, "s") == {"given": 0, "random": 4, "tpe": 0}
+
+    set_aside_lost_trials(grid, tmp_path, "s")
+    assert sorted(t.trial_id for t in read_trials(tmp_path)) == ["done", "new", "running"]
+    assert (tmp_path / "lost_trial_lost").is_dir()
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "RUNNING"]
+    assert trials[1].user_attrs["lost"] is True and "lost" not in trials[3].user_attrs
+    assert study_origins(tmp_path, "s") == {"given": 0, "random": 3, "tpe": 0}
+
 def _sweep_cli(*args):
     return run_module("orchestrator.sweep", *args)
 
