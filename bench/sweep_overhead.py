@@ -10,7 +10,8 @@ For every trial it measures:
 - start-up: from the start of the process that trains (the ``dmkd.train`` process; the Tune trial's
   process for a one-worker trial; the Tune trial's process, which then starts the worker group, for
   several workers) to the first step of the training loop (``time/loop_started_at``): imports, data,
-  models, Ray's own processes;
+  models, Ray's own processes; for a trial process Tune reuses from an earlier trial, from the start of the
+  trial's own code (``time/trial_started_at``) instead;
 - the training loop (train + evaluation, timed by the loop), and the CPU seconds of every process of the
   run, sampled from ``/proc`` every 0.25 s (a plain run: its process; a sweep: every process under the
   sweep's driver, Ray's daemons included, divided by the trials).
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 ALPHAS = [2e-6, 5e-6, 1e-5, 2e-5, 5e-7, 1e-6]
 
-from dmkd.metrics import LOOP_STARTED_AT  # noqa: E402
+from dmkd.metrics import LOOP_STARTED_AT, TRIAL_STARTED_AT  # noqa: E402
 from dmkd.provenance import cpu_name, provenance  # noqa: E402
 from orchestrator.report.records import read_trials  # noqa: E402
 
@@ -116,11 +117,14 @@ def swept(args, work: Path) -> dict:
         raise SystemExit(f"the sweep failed with exit code {process.returncode}")
     sampler.stop()
     wall = time.perf_counter() - started
-    startup, loops, loop_cpu = [], [], []
-    for trial in read_trials(work / "exp" / "overhead"):
+    startup, loops, loop_cpu, seen = [], [], [], set()
+    for trial in sorted(read_trials(work / "exp" / "overhead"), key=lambda t: t.history[0][LOOP_STARTED_AT]):
         history = trial.history
-        trial_process = sampler.started.get(history[0]["pid"])  # the Tune trial's process (Tune adds its pid)
-        startup.append(history[0][LOOP_STARTED_AT] - trial_process if trial_process else float("nan"))
+        pid = history[0]["pid"]  # the Tune trial's process (Tune adds its pid)
+        # a process that trained an earlier trial (Tune reuses it) starts this one when the trial's code does
+        began = history[0].get(TRIAL_STARTED_AT) if pid in seen else sampler.started.get(pid)
+        seen.add(pid)
+        startup.append(history[0][LOOP_STARTED_AT] - began if began else float("nan"))
         loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in history))
         loop_cpu.append(sum(e.get("time/cpu_s", 0) for e in history))
     total_cpu = sum(sampler.cpu.values())

@@ -21,6 +21,7 @@ LOSS_RATIO = "loss_ratio"  # distillation loss / detector loss, means over the e
 LOSS_RATIO_STEP0 = "loss_ratio/step0"  # the same at the run's first step
 CPU_S = "time/cpu_s"
 LOOP_STARTED_AT = "time/loop_started_at"  # when an epoch's first step began (seconds since the epoch, for start-up)
+TRIAL_STARTED_AT = "time/trial_started_at"  # when a sweep trial's own code began (a reused trial process's start)
 STUDENT_INIT = "pairing/student_init"
 DATA_ORDER = "pairing/data_order"
 

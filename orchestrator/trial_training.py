@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from dmkd.checkpoint import CHECKPOINT_NAME
 from dmkd.config import TrainConfig
 from dmkd.distillers import detector_family, method_parameters, picture_of
 from dmkd.engine import Data, fit, load_data
-from dmkd.metrics import BEST_VAL_AP, VAL_AP, read_metrics
+from dmkd.metrics import BEST_VAL_AP, TRIAL_STARTED_AT, VAL_AP, read_metrics
 from dmkd.pairing import build_distillation
 
 PICTURE_PNG = "attention.png"
@@ -39,6 +40,7 @@ def train_and_report(config: dict, checkpoint: Checkpoint | None, report: Callab
     """Train ``config["train"]`` (a TrainConfig as a dict) from ``checkpoint`` (the last one reported, when
     a trial is restarted or a sweep restored), calling ``report(metrics, checkpoint=...)`` after every epoch:
     ``ray.tune.report`` in a one-worker trial, ``ray.train.report`` on every rank of a Train worker group."""
+    started = time.time()
     local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
     cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
     resume_from, resumed_epoch, best = None, 0, []
@@ -60,7 +62,7 @@ def train_and_report(config: dict, checkpoint: Checkpoint | None, report: Callab
             best.append(metrics[VAL_AP])
         if best:
             metrics[BEST_VAL_AP] = max(best)  # the best epoch so far (its checkpoint may not be kept)
-        metrics.update(resumed_from_epoch=resumed_epoch, node_id=node)
+        metrics.update(resumed_from_epoch=resumed_epoch, node_id=node, **{TRIAL_STARTED_AT: started})
         if written is None:
             report(metrics, checkpoint=None)
             return

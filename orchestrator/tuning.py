@@ -57,7 +57,8 @@ def make_tuner(trainable: Callable, *, space: SweepSpace, storage_path: str, nam
     ``searcher()`` builds (only then: building an Optuna search enqueues its first point in the study,
     which a continued run must not get twice). Each trial reserves what ``trial_resources`` says for
     ``space``; a one-worker trial that fails is restarted from its last checkpoint up to
-    ``space.max_failures`` times (a Train worker group restarts its own workers, so Tune does not).
+    ``space.max_failures`` times (a Train worker group restarts its own workers, so Tune does not), and
+    its process, imports done, trains the next trial that Tune gives it (``reuse_actors``).
     Trials report to the status table with ``columns`` under ``header`` and write what
     ``tune_callbacks`` keeps."""
     trainable = tune.with_resources(trainable, trial_resources(space))
@@ -71,7 +72,7 @@ def make_tuner(trainable: Callable, *, space: SweepSpace, storage_path: str, nam
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=None if search_alg is not None else space.max_concurrent,
-                                    trial_dirname_creator=trial_dirname),
+                                    trial_dirname_creator=trial_dirname, reuse_actors=not space.resources.worker_group),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=tune_callbacks(*callbacks),
                                   progress_reporter=StatusTable(header, space.objective, columns),
                                   failure_config=tune.FailureConfig(max_failures=max_failures),
