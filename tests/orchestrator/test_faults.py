@@ -109,18 +109,34 @@ def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_
     storage = tmp_path / "exp"
     experiment = storage / "tiny"
 
-    def finished_and_running(count: int):
+    def finished_and_running(count: int, logged_again: str | None = None):
         state = _checkpointed_epochs(experiment)
         done = [t for t, e in state.items() if e == epochs]
         running = [t for t, e in state.items() if e < epochs]
-        return state if len(done) >= count and running else None
+        if len(done) < count or not running:
+            return None
+        return state if logged_again is None or _wandb_resumed(logged_again) else None
 
-    def run_until(count: int, log: Path, stop) -> dict:
+    def _wandb_resumed(trial_id: str) -> bool:
+        """Whether the second W&B run of ``trial_id`` has its run record on disk. Tune's W&B callback
+        writes and finishes a trial's run in an actor of its own, after the trial: a driver killed
+        seconds after a trial ended can cut that trial's offline run short (Tune's and Optuna's records
+        are not affected), so the kill waits for the record this test reads."""
+        runs = sorted((experiment / "wandb").glob(f"offline-run-*-{trial_id}"))
+        if len(runs) < 2 or not any(f.stat().st_size > 7 for f in runs[1].glob("*.wandb")):  # 7: the header
+            return False
+        try:
+            return wandb_run_record(runs[1], tmp_path) is not None
+        except StopIteration:
+            return False
+
+    def run_until(count: int, log: Path, stop, logged_again: str | None = None) -> dict:
         with log.open("w") as handle:  # a file, not a pipe: nobody reads a pipe while the sweep runs
             process = subprocess.Popen(sweep_command(space, storage), stdout=handle, stderr=subprocess.STDOUT,
                                        env=command_env(tmp_path))
             try:
-                state = _wait_for(lambda: finished_and_running(count), 600, f"{count} finished trial(s) and one running")
+                state = _wait_for(lambda: finished_and_running(count, logged_again), 600,
+                                  f"{count} finished trial(s) and one running")
                 stop(process)
             finally:
                 if process.poll() is None:
@@ -133,7 +149,9 @@ def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_
         assert process.returncode != 0
 
     at_ctrl_c = run_until(0, tmp_path / "ctrl-c.log", ctrl_c)
-    at_kill = run_until(1, tmp_path / "killed.log", _kill_family)  # the same command continues, then dies
+    (cut_at_ctrl_c,) = [t for t, e in at_ctrl_c.items() if e < epochs]
+    # the same command continues, then dies
+    at_kill = run_until(1, tmp_path / "killed.log", _kill_family, logged_again=cut_at_ctrl_c)
     assert "continuing" in (tmp_path / "killed.log").read_text()
 
     run = subprocess.run(sweep_command(space, storage, "--resume"), capture_output=True, text=True,
