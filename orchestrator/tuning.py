@@ -38,9 +38,12 @@ class StatusTable(tune.CLIReporter):
         super().report(trials, done, self._header, *sys_info)
 
 
+TRIAL_FOLDER = "run_trial_"  # + the trial's id: each trial's folder (see trial_dirname)
+
+
 def trial_dirname(trial) -> str:
     """Tune's trial folder: ``run_trial_<id>`` (Tune's default puts every parameter value in the name)."""
-    return f"run_trial_{trial.trial_id}"
+    return f"{TRIAL_FOLDER}{trial.trial_id}"
 
 
 def tune_callbacks(*extra) -> list:
@@ -121,10 +124,10 @@ def set_aside_lost_trials(result_grid, folder: Path | None, study_name: str | No
     marked FAIL, ``lost``."""
     if folder is None:
         return
-    known = {Path(result.path).name.removeprefix("run_trial_") for result in result_grid if result.path}
-    lost = [f for f in sorted(folder.glob("run_trial_*")) if f.name.removeprefix("run_trial_") not in known]
+    known = {Path(result.path).name.removeprefix(TRIAL_FOLDER) for result in result_grid if result.path}
+    lost = [f for f in sorted(folder.glob(f"{TRIAL_FOLDER}*")) if f.name.removeprefix(TRIAL_FOLDER) not in known]
     for trial_folder in lost:
-        trial_folder.rename(folder / trial_folder.name.replace("run_trial_", "lost_trial_", 1))
+        trial_folder.rename(folder / f"lost_trial_{trial_folder.name.removeprefix(TRIAL_FOLDER)}")
     numbers = []
     if study_name is not None and (folder / "optuna.db").is_file():
         numbers = close_lost_trials(optuna.load_study(study_name=study_name, storage=sqlite_url(folder / "optuna.db")),

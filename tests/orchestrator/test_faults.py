@@ -92,8 +92,9 @@ def _checkpointed_epochs(experiment: Path) -> dict[str, int]:
     from orchestrator.trial import stored_epoch
 
     found: dict[str, int] = {}
+    fs = pyarrow.fs.LocalFileSystem()
     for folder in experiment.glob("run_trial_*/checkpoint_*"):
-        epoch = stored_epoch(pyarrow.fs.LocalFileSystem(), str(folder))
+        epoch = stored_epoch(fs, str(folder))
         if epoch is not None:
             trial_id = folder.parent.name.split("_")[2]
             found[trial_id] = max(found.get(trial_id, 0), epoch)
