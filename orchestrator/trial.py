@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import pyarrow.fs
 import ray.tune
 import torch
-from ray.train import Checkpoint
 
 from dmkd.checkpoint import CHECKPOINT_NAME
 from dmkd.config import DataPaths, TrainConfig, to_dict
@@ -65,7 +64,7 @@ def trial_train_config(config: dict, *, space: SweepSpace, setup: TrialSetup,
                               teacher_checkpoint=setup.teacher_checkpoint, data_paths=setup.data_paths)
 
 
-def newest_stored_checkpoint() -> Checkpoint | None:
+def newest_stored_checkpoint() -> ray.tune.Checkpoint | None:
     """The newest whole checkpoint this trial stored (a ``checkpoint_*`` folder of its trial folder, see
     ``stored_epoch``), or None. Tune records a trial's checkpoints in its experiment state, saved every few
     seconds: a sweep whose driver was killed may not have recorded the last ones, and would restart the
@@ -79,7 +78,7 @@ def newest_stored_checkpoint() -> Checkpoint | None:
         found = stored_epoch(fs, info.path)
         if found is not None and found > epoch:
             newest, epoch = info.path, found
-    return Checkpoint(newest, filesystem=fs) if newest else None
+    return ray.tune.Checkpoint(newest, filesystem=fs) if newest else None
 
 
 def stored_epoch(fs: pyarrow.fs.FileSystem, folder: str) -> int | None:
@@ -114,7 +113,7 @@ def run_trial(config: dict, *, space: SweepSpace, setup: TrialSetup, rows: dict[
     if not space.resources.worker_group:
         torch.set_num_threads(max(1, int(space.resources.cpus_per_worker)))  # the cores Tune reserved for it
         train_and_report({"train": to_dict(train_cfg)}, newest_stored_checkpoint() or ray.tune.get_checkpoint(),
-                         ray.tune.report)
+                         ray.tune.report, checkpoint_class=ray.tune.Checkpoint)
         return
     from orchestrator.ddp_trial import fit_on_worker_group  # Ray Train: imported only by multi-worker trials
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
-from ray.train import Checkpoint
+from ray.train import Checkpoint as TrainCheckpoint
+from ray.tune import Checkpoint as TuneCheckpoint
 
 from dmkd.checkpoint import CHECKPOINT_NAME
 from dmkd.config import TrainConfig
@@ -36,10 +37,12 @@ def _draw_picture(cfg: TrainConfig, data: Data, teacher, folder: Path) -> None:
     picture(image, features, params, folder / PICTURE_PNG)
 
 
-def train_and_report(config: dict, checkpoint: Checkpoint | None, report: Callable, rank: int = 0) -> None:
+def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint | None, report: Callable,
+                     rank: int = 0, *, checkpoint_class: type[TrainCheckpoint | TuneCheckpoint] = TrainCheckpoint) -> None:
     """Train ``config["train"]`` (a TrainConfig as a dict) from ``checkpoint`` (the last one reported, when
     a trial is restarted or a sweep restored), calling ``report(metrics, checkpoint=...)`` after every epoch:
-    ``ray.tune.report`` in a one-worker trial, ``ray.train.report`` on every rank of a Train worker group."""
+    ``ray.tune.report`` in a one-worker trial, ``ray.train.report`` on every rank of a Train worker group.
+    ``checkpoint_class`` is the Checkpoint that ``report`` takes (Tune's and Train's are two classes)."""
     started = time.time()
     local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
     cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
@@ -68,7 +71,7 @@ def train_and_report(config: dict, checkpoint: Checkpoint | None, report: Callab
             return
         if epoch == cfg.epochs:
             _draw_picture(cfg, data, teacher, local)
-        report(metrics, checkpoint=Checkpoint.from_directory(str(local)))
+        report(metrics, checkpoint=checkpoint_class.from_directory(str(local)))
 
     try:
         fit(cfg, distiller=distiller, teacher=teacher, data=data, on_epoch_end=on_epoch_end, progress=False,
