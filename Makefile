@@ -17,8 +17,15 @@ venv: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) -m orchestrator.sweep
 
+# The tests that start a Ray run one after another (two Rays at once would fight over the same cores);
+# the others run beside them in a second pytest, whose report follows when both are done.
 test: $(VENV)/.installed
-	WANDB_MODE=offline $(PY) -m pytest
+	@log=$$(mktemp); \
+	WANDB_MODE=offline $(PY) -m pytest -m "not ray" >$$log 2>&1 & others=$$!; \
+	WANDB_MODE=offline $(PY) -m pytest -m ray; ray=$$?; \
+	wait $$others; others=$$?; cat $$log; rm -f $$log; \
+	echo "tests that start a Ray: exit $$ray; the others: exit $$others"; \
+	test $$ray -eq 0 && test $$others -eq 0
 
 test-fast: $(VENV)/.installed
 	WANDB_MODE=offline $(PY) -m pytest -m "not ray"
