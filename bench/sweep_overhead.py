@@ -11,12 +11,15 @@ For every trial it measures:
   process for a one-worker trial; the Tune trial's process, which then starts the worker group, for
   several workers) to the first step of the training loop (``time/loop_started_at``): imports, data,
   models, Ray's own processes; for a trial process Tune reuses from an earlier trial, from the start of the
-  trial's own code (``time/trial_started_at``) instead;
+  trial's own code (``time/trial_started_at``) instead; and, for the sweep, also from Tune starting the
+  trial (Tune asking the Optuna searcher for its point: the Optuna trial's start) to that first step;
 - the training loop (train + evaluation, timed by the loop), and the CPU seconds of every process of the
   run, sampled from ``/proc`` every 0.25 s (a plain run: its process; a sweep: every process under the
   sweep's driver, Ray's daemons included, divided by the trials).
 ``--cpus-per-trial`` sets both the trial's CPUs and the plain runs' OpenMP threads; ``--concurrent`` runs
-that many trials at once on both sides. Prints a JSON record with the machine.
+that many trials at once on both sides; ``--repeats N`` runs plain and sweep N times, alternating, and
+reports each pair's ratio and their median (the machine drifts between runs minutes apart). Prints a
+JSON record with the machine.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+import optuna
 import psutil
 import yaml
 
@@ -41,6 +45,16 @@ ALPHAS = [2e-6, 5e-6, 1e-5, 2e-5, 5e-7, 1e-6]
 from dmkd.metrics import LOOP_STARTED_AT, TRIAL_STARTED_AT  # noqa: E402
 from dmkd.provenance import cpu_name, provenance  # noqa: E402
 from orchestrator.report.records import read_trials  # noqa: E402
+from orchestrator.searcher import TUNE_TRIAL_ID  # noqa: E402
+
+
+def created_at(pid: int) -> float:
+    """When process ``pid`` started, on ``time.time()``'s clock, to 10 ms: its start in clock ticks since boot
+    (``/proc/PID/stat``) against the uptime. (psutil's ``create_time`` adds those ticks to the boot time of
+    ``/proc/stat``, which is whole seconds: on the VM of BENCHMARKS.md it put every start 0.7 s early.)"""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Sampler:
@@ -62,8 +76,8 @@ class Sampler:
                 try:
                     times = process.cpu_times()
                     self.cpu[process.pid] = times.user + times.system + times.children_user + times.children_system
-                    self.started.setdefault(process.pid, process.create_time())
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    self.started.setdefault(process.pid, created_at(process.pid))
+                except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
                     pass
             self._stop.wait(self.every)
 
@@ -117,7 +131,9 @@ def swept(args, work: Path) -> dict:
         raise SystemExit(f"the sweep failed with exit code {process.returncode}")
     sampler.stop()
     wall = time.perf_counter() - started
-    startup, loops, loop_cpu, seen = [], [], [], set()
+    study = optuna.load_study(study_name="overhead", storage=f"sqlite:///{work / 'exp' / 'overhead' / 'optuna.db'}")
+    asked = {t.user_attrs[TUNE_TRIAL_ID]: t.datetime_start.timestamp() for t in study.trials}  # local time, as Optuna
+    startup, from_tune, loops, loop_cpu, seen = [], [], [], [], set()
     for trial in sorted(read_trials(work / "exp" / "overhead"), key=lambda t: t.history[0][LOOP_STARTED_AT]):
         history = trial.history
         pid = history[0]["pid"]  # the Tune trial's process (Tune adds its pid)
@@ -125,10 +141,11 @@ def swept(args, work: Path) -> dict:
         began = history[0].get(TRIAL_STARTED_AT) if pid in seen else sampler.started.get(pid)
         seen.add(pid)
         startup.append(history[0][LOOP_STARTED_AT] - began if began else float("nan"))
+        from_tune.append(history[0][LOOP_STARTED_AT] - asked[trial.trial_id])
         loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in history))
         loop_cpu.append(sum(e.get("time/cpu_s", 0) for e in history))
     total_cpu = sum(sampler.cpu.values())
-    return {"wall_s": wall, "startup_s": startup, "loop_s": loops, "cpu_s": [total_cpu / args.trials] * args.trials,
+    return {"wall_s": wall, "startup_s": startup, "startup_from_tune_s": from_tune, "loop_s": loops, "cpu_s": [total_cpu / args.trials] * args.trials,
             "loop_cpu_s": loop_cpu, "processes": len(sampler.cpu)}
 
 
@@ -142,24 +159,38 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (1: no worker group)")
     parser.add_argument("--concurrent", type=int, default=1, help="trials at once, on both sides (default 1)")
     parser.add_argument("--skip-plain", action="store_true", help="only the sweep (e.g. a second --workers setting)")
+    parser.add_argument("--repeats", type=int, default=1, help="plain and sweep this many times, alternating")
     args = parser.parse_args()
     args.teacher = str(Path(args.teacher).resolve())
     args.data_dir = str(Path(args.data_dir).resolve())
+    runs: list[tuple[dict | None, dict]] = []
     with tempfile.TemporaryDirectory() as folder:
-        work = Path(folder)
-        a = None if args.skip_plain else plain(args, work)
-        b = swept(args, work)
+        for repeat in range(args.repeats):
+            work = Path(folder) / str(repeat)
+            work.mkdir()
+            runs.append((None if args.skip_plain else plain(args, work), swept(args, work)))
+
+    def pooled(side: str, key: str) -> float:
+        """The mean of ``key`` over every trial of every run of ``side`` (plain or sweep)."""
+        return statistics.fmean(v for a, b in runs for v in (b if side == "sweep" else a or {key: []})[key])
+
+    sweeps = [b for _, b in runs]
     report = {"trials": args.trials, "epochs": args.epochs, "cpus_per_trial": args.cpus_per_trial, "workers": args.workers,
-              "concurrent": args.concurrent, "machine": cpu_name(), "git_commit": provenance()["git_commit"],
-              "date": time.strftime("%Y-%m-%d %H:%M"),
-              "sweep_wall_s": b["wall_s"], "sweep_startup_s": statistics.fmean(b["startup_s"]),
-              "sweep_loop_s": statistics.fmean(b["loop_s"]), "sweep_cpu_s_per_trial": statistics.fmean(b["cpu_s"]),
-              "sweep_loop_cpu_s": statistics.fmean(b["loop_cpu_s"]), "sweep_processes": b["processes"]}
-    if a is not None:
-        report.update({"plain_wall_s": a["wall_s"], "ratio": b["wall_s"] / a["wall_s"],
-                       "plain_startup_s": statistics.fmean(a["startup_s"]), "plain_loop_s": statistics.fmean(a["loop_s"]),
-                       "plain_cpu_s_per_trial": statistics.fmean(a["cpu_s"]),
-                       "loop_ratio": statistics.fmean(b["loop_s"]) / statistics.fmean(a["loop_s"])})
+              "concurrent": args.concurrent, "repeats": args.repeats, "machine": cpu_name(),
+              "git_commit": provenance()["git_commit"], "date": time.strftime("%Y-%m-%d %H:%M"),
+              "sweep_wall_s": statistics.fmean(b["wall_s"] for b in sweeps),
+              "sweep_startup_s": pooled("sweep", "startup_s"), "sweep_startup_from_tune_s": pooled("sweep", "startup_from_tune_s"),
+              "sweep_startup_each_s": [[round(v, 2) for v in b["startup_s"]] for b in sweeps],
+              "sweep_startup_from_tune_each_s": [[round(v, 2) for v in b["startup_from_tune_s"]] for b in sweeps],
+              "sweep_loop_s": pooled("sweep", "loop_s"), "sweep_cpu_s_per_trial": pooled("sweep", "cpu_s"),
+              "sweep_loop_cpu_s": pooled("sweep", "loop_cpu_s"), "sweep_processes": max(b["processes"] for b in sweeps)}
+    if not args.skip_plain:
+        ratios = [b["wall_s"] / a["wall_s"] for a, b in runs if a is not None]
+        report.update({"plain_wall_s": statistics.fmean(a["wall_s"] for a, _ in runs if a is not None),
+                       "ratio": statistics.median(ratios), "ratio_each": [round(r, 3) for r in ratios],
+                       "plain_startup_s": pooled("plain", "startup_s"), "plain_loop_s": pooled("plain", "loop_s"),
+                       "plain_cpu_s_per_trial": pooled("plain", "cpu_s"),
+                       "loop_ratio": pooled("sweep", "loop_s") / pooled("plain", "loop_s")})
     for key, value in report.items():
         print(f"{key:26s} {value:.2f}" if isinstance(value, float) else f"{key:26s} {value}")
     print(json.dumps(report))
