@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PYTEST := WANDB_MODE=offline $(PY) -m pytest
 
 .PHONY: run test test-fast lint venv clean
 
@@ -21,14 +22,14 @@ run: $(VENV)/.installed
 # the others run beside them in a second pytest, whose report follows when both are done.
 test: $(VENV)/.installed
 	@log=$$(mktemp); \
-	WANDB_MODE=offline $(PY) -m pytest -m "not ray" >$$log 2>&1 & others=$$!; \
-	WANDB_MODE=offline $(PY) -m pytest -m ray; ray=$$?; \
+	$(PYTEST) -m "not ray" >$$log 2>&1 & others=$$!; \
+	$(PYTEST) -m ray; ray=$$?; \
 	wait $$others; others=$$?; cat $$log; rm -f $$log; \
 	echo "tests that start a Ray: exit $$ray; the others: exit $$others"; \
 	test $$ray -eq 0 && test $$others -eq 0
 
 test-fast: $(VENV)/.installed
-	WANDB_MODE=offline $(PY) -m pytest -m "not ray"
+	$(PYTEST) -m "not ray"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

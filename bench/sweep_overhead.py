@@ -76,7 +76,8 @@ class Sampler:
                 try:
                     times = process.cpu_times()
                     self.cpu[process.pid] = times.user + times.system + times.children_user + times.children_system
-                    self.started.setdefault(process.pid, created_at(process.pid))
+                    if process.pid not in self.started:  # read once: the sampler shares the cores it measures
+                        self.started[process.pid] = created_at(process.pid)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
                     pass
             self._stop.wait(self.every)
@@ -170,27 +171,28 @@ def main() -> None:
             work.mkdir()
             runs.append((None if args.skip_plain else plain(args, work), swept(args, work)))
 
-    def pooled(side: str, key: str) -> float:
-        """The mean of ``key`` over every trial of every run of ``side`` (plain or sweep)."""
-        return statistics.fmean(v for a, b in runs for v in (b if side == "sweep" else a or {key: []})[key])
+    plains, sweeps = [a for a, _ in runs if a is not None], [b for _, b in runs]
 
-    sweeps = [b for _, b in runs]
+    def pooled(side: list[dict], key: str) -> float:
+        """The mean of ``key`` over every trial of every run of one side (``plains`` or ``sweeps``)."""
+        return statistics.fmean(v for run in side for v in run[key])
+
     report = {"trials": args.trials, "epochs": args.epochs, "cpus_per_trial": args.cpus_per_trial, "workers": args.workers,
               "concurrent": args.concurrent, "repeats": args.repeats, "machine": cpu_name(),
               "git_commit": provenance()["git_commit"], "date": time.strftime("%Y-%m-%d %H:%M"),
               "sweep_wall_s": statistics.fmean(b["wall_s"] for b in sweeps),
-              "sweep_startup_s": pooled("sweep", "startup_s"), "sweep_startup_from_tune_s": pooled("sweep", "startup_from_tune_s"),
+              "sweep_startup_s": pooled(sweeps, "startup_s"), "sweep_startup_from_tune_s": pooled(sweeps, "startup_from_tune_s"),
               "sweep_startup_each_s": [[round(v, 2) for v in b["startup_s"]] for b in sweeps],
               "sweep_startup_from_tune_each_s": [[round(v, 2) for v in b["startup_from_tune_s"]] for b in sweeps],
-              "sweep_loop_s": pooled("sweep", "loop_s"), "sweep_cpu_s_per_trial": pooled("sweep", "cpu_s"),
-              "sweep_loop_cpu_s": pooled("sweep", "loop_cpu_s"), "sweep_processes": max(b["processes"] for b in sweeps)}
-    if not args.skip_plain:
-        ratios = [b["wall_s"] / a["wall_s"] for a, b in runs if a is not None]
-        report.update({"plain_wall_s": statistics.fmean(a["wall_s"] for a, _ in runs if a is not None),
+              "sweep_loop_s": pooled(sweeps, "loop_s"), "sweep_cpu_s_per_trial": pooled(sweeps, "cpu_s"),
+              "sweep_loop_cpu_s": pooled(sweeps, "loop_cpu_s"), "sweep_processes": max(b["processes"] for b in sweeps)}
+    if plains:
+        ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(plains, sweeps)]
+        report.update({"plain_wall_s": statistics.fmean(a["wall_s"] for a in plains),
                        "ratio": statistics.median(ratios), "ratio_each": [round(r, 3) for r in ratios],
-                       "plain_startup_s": pooled("plain", "startup_s"), "plain_loop_s": pooled("plain", "loop_s"),
-                       "plain_cpu_s_per_trial": pooled("plain", "cpu_s"),
-                       "loop_ratio": pooled("sweep", "loop_s") / pooled("plain", "loop_s")})
+                       "plain_startup_s": pooled(plains, "startup_s"), "plain_loop_s": pooled(plains, "loop_s"),
+                       "plain_cpu_s_per_trial": pooled(plains, "cpu_s"),
+                       "loop_ratio": pooled(sweeps, "loop_s") / pooled(plains, "loop_s")})
     for key, value in report.items():
         print(f"{key:26s} {value:.2f}" if isinstance(value, float) else f"{key:26s} {value}")
     print(json.dumps(report))
