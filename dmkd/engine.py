@@ -265,7 +265,7 @@ def evaluate_epoch(run: Run, epoch: int, metrics: dict) -> None:
         metrics.update(split_figures("val", figures))
         metrics["time/eval_s"] = time.perf_counter() - started
         if dist_utils.is_main():
-            atomic_write_json(run.out / "predictions.json", predictions)
+            atomic_write_json(run.out / "predictions.json", predictions, indent=None)
     if last_epoch and run.data.test is not None:  # held out: never seen by selection or early stopping
         figures, _ = evaluate_detector(run.model.detector, run.data.test, run.device, cfg.batch_size)
         metrics.update(split_figures("test", figures))

@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from dmkd.io import read_torch
 from dmkd.models import BACKBONES, TORCHVISION_DETECTORS, DetectorConfig
 
 ARCH_FAMILIES = ("fcos", "retinanet", "fasterrcnn")
@@ -92,7 +93,7 @@ def describe(detector: dict) -> str:
 def saved_config(path) -> dict | None:
     """The TrainConfig a ``dmkd.train`` checkpoint (or a cached teacher) was written with, if it has one."""
     try:
-        whole = torch.load(path, map_location="cpu", weights_only=True)
+        whole = read_torch(path)
     except Exception:  # unreadable files were reported before a mismatch could be
         return None
     config = whole.get("config") if isinstance(whole, dict) else None

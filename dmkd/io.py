@@ -1,9 +1,10 @@
-"""Atomic file writes: a kill at any moment leaves the previous complete file."""
+"""Atomic file writes (a kill at any moment leaves the previous complete file), and the reads that go with them."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         raise
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write(path, lambda handle: json.dump(data, handle, indent=1))
+def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
+    """``indent=None`` for large files only a program reads (COCO predictions): json's C encoder runs only
+    without indentation, about 3x faster."""
+    text = json.dumps(data, indent=indent)  # one string, not json.dump's many small writes
+    atomic_write(path, lambda handle: handle.write(text))
+
+
+def read_torch(path: str | os.PathLike) -> Any:
+    """``torch.load`` of a local file on the CPU, tensors only (no pickled code). A file in torch's zip format
+    is memory-mapped instead of copied into memory, so a caller that takes only the weights of a training
+    checkpoint does not pay for copying its optimizer state (two thirds of the file)."""
+    import torch  # here, not at the top: the JSON helpers are imported where torch is not needed
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dmkd.errors import UserError
+from dmkd.io import read_torch
 
 OFFLINE_ENV = "DMKD_OFFLINE"
 _NAME = re.compile(r"^[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*_Weights\.[A-Za-z0-9_]+$")
@@ -84,7 +85,7 @@ def load_state(spec: str, where: str) -> dict:
 def read_state_dict(path: Path, where: str) -> dict:
     """A local file's state dict: a bare one, or a training checkpoint's ``model``; ``where`` heads errors."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch(path)
     except Exception as error:  # torch raises many types for a corrupt or foreign file
         raise UserError(f"{where}: not a readable torch checkpoint ({type(error).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):

@@ -16,7 +16,7 @@ from dmkd.engine import fit, load_data
 from dmkd.errors import UserError
 from dmkd.evaluate import evaluate_detector
 from dmkd.identify import mismatch
-from dmkd.io import atomic_write
+from dmkd.io import atomic_write, read_torch
 from dmkd.metrics import split_figures
 from dmkd.models import build_detector, load_weights, weights_classes
 from dmkd.pairing import TEACHER_FIX
@@ -51,7 +51,7 @@ def _train(cfg_dict: dict, final: str, progress: Queue) -> str:
                       "val_AP": metrics.get("val/AP"), "elapsed_s": elapsed, "eta_s": per_epoch * (cfg.epochs - epoch)})
 
     fit(cfg, progress=False, on_epoch_end=report)
-    state = torch.load(Path(cfg.out) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    state = read_torch(Path(cfg.out) / CHECKPOINT_NAME)
     atomic_write(final, lambda handle: torch.save({k: state[k] for k in CACHED_KEYS}, handle), mode="wb")
     return final
 
@@ -151,7 +151,7 @@ def recorded_figures(checkpoint: str | None, data_paths: DataPaths) -> dict | No
     if checkpoint is None:
         return None
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = read_torch(checkpoint)
     except Exception:  # load_weights reports unreadable files; here they just mean "evaluate"
         return None
     if not isinstance(state, dict) or not state.get("history") or not isinstance(state.get("data"), dict):

@@ -159,3 +159,22 @@ def test_a_coco_teacher_is_evaluated_by_class_name(tmp_path):
     assert labels_by_name(names, coco, "w") == {names.index("person"): 5, names.index("car"): 9} == {1: 5, 3: 9}
     with pytest.raises(UserError, match="none of its 3 class names is a category of the data"):
         labels_by_name(["__background__", "cat", "dog"], coco, "w")
+
+
+def test_a_checkpoints_weights_are_read_in_either_torch_format_memory_mapped_when_zip(tmp_path):
+    """A teacher's weights from a training checkpoint: the zip format (torch's default) is mapped from the
+    file, not copied with the optimizer state beside it; the legacy format is still read, copied."""
+    from dmkd.weights import read_state_dict
+
+    detector = build_detector(DetectorConfig(arch="fcos", backbone="resnet10_quarter", fpn_channels=64))
+    checkpoint = {"model": detector.state_dict(), "optimizer": {"state": {0: {"exp_avg": torch.rand(1000)}}}}
+    for name, zipped in (("zip.pt", True), ("legacy.pt", False)):
+        path = tmp_path / name
+        torch.save(checkpoint, path, _use_new_zipfile_serialization=zipped)
+        state = read_state_dict(path, name)
+        assert state.keys() == checkpoint["model"].keys()
+        for key, tensor in state.items():
+            assert torch.equal(tensor, checkpoint["model"][key]), key
+        with open("/proc/self/maps") as maps:
+            assert (str(path) in maps.read()) == zipped
+        del state

@@ -22,7 +22,7 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
     # The objective is the distill loss, which grows with alpha: the first trial has the paper's alpha
     # (2e-5, near the bottom of the range), so ASHA stops the seeded sampler's larger-alpha trial. (Two
     # trials: each costs ~40 s of Ray process start-up here, and two show a completed and a stopped one.)
-    space = _space(tmp_path, mini_data, num_samples=2, reference=True, objective={"metric": "loss/distill", "mode": "min"},
+    space = _space(tmp_path, mini_data, num_samples=2, objective={"metric": "loss/distill", "mode": "min"},
                    resources={"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},  # each trial DDP over 2
                    search={"alpha": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
                            "temperature": {"type": "uniform", "low": 0.2, "high": 1.0}})
@@ -77,28 +77,13 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
         assert config["teacher.backbone"] == config["student.backbone"] == "resnet10_quarter"
         assert config["train.epochs"] == 2 and config["git_commit"] and config["version.ray"]
         assert summary["name"] == f"dmkd alpha={history[0]['config']['alpha']:.3g} seed 0"
-        if history[-1]["epoch"] == 2:  # Δ against the undistilled student of the same seed, at the full budget
-            reference_ap = json.loads((experiment / "reference.json").read_text())["0"]["final"]["val/AP"]
-            assert summary["summary"]["val/delta_AP"] == pytest.approx(history[-1]["val/AP"] - reference_ap)
-        else:
-            assert "val/delta_AP" not in summary["summary"]
+        assert "val/delta_AP" not in summary["summary"]  # no reference row in this space (test_multinode has one)
 
-    # the reference row: the undistilled student with the same budget and seed, and each trial's Δ AP to it
-    reference = json.loads((experiment / "reference.json").read_text())["0"]
-    assert reference["final"]["epoch"] == 2 and reference["history"][0]["pairing/student_init"] == \
-        tune_results[rows[0]["trial_id"]][0]["pairing/student_init"]
     report = json.loads((experiment / "report.json").read_text())
-    assert report["reference_AP"] == reference["final"]["val/AP"]
-    assert report["pair"]["student"]["AP_without_distillation"] == reference["final"]["val/AP"]
-    for entry in report["leaderboard"]:  # Δ only at the reference's budget
-        expected = entry["val/AP"] - reference["final"]["val/AP"] if entry["epochs"] == 2 else None
-        assert entry["delta_AP"] == (pytest.approx(expected) if expected is not None else None)
-        # the terminal's leaderboard and results.csv carry the same Δ
+    assert report["reference_AP"] is None and all(e["delta_AP"] is None for e in report["leaderboard"])
+    for entry in report["leaderboard"]:  # the terminal's leaderboard: a line per trial, no Δ without a reference
         (line,) = [line for line in run.stdout.splitlines() if line.startswith(f"run_trial_{entry['trial_id']} ")]
-        assert (f"{expected:+.4f}" if expected is not None else " - ") in line
-    with (experiment / "results.csv").open() as handle:
-        stored = {row["trial_id"]: row["delta_AP"] for row in csv.DictReader(handle)}
-    assert stored == {e["trial_id"]: "" if e["delta_AP"] is None else str(e["delta_AP"]) for e in report["leaderboard"]}
+        assert " - " in line
 
     # trials ASHA stopped: the rung's rank check (too few completed trials here to say), one budget in plots
     (rung,) = report["rungs"]
