@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import optuna
-from scipy import stats
 
 from orchestrator.report.records import StoredTrial
 
@@ -39,6 +38,8 @@ def common_epoch(trials: list[StoredTrial], metric: str, enough: int = MIN_TRIAL
 
 
 def _spearman(pairs: list[tuple[float, float]]) -> float | None:
+    from scipy import stats  # here: 0.6 s to import, for a check that needs five completed trials
+
     rho = stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
     return None if rho is None or math.isnan(rho) else float(rho)
 
