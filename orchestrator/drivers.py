@@ -17,7 +17,7 @@ from dmkd.errors import UserError
 from dmkd.io import atomic_write_json, read_json
 from dmkd.metrics import LOSS_RATIO_STEP0
 from orchestrator.callbacks import wandb_callbacks
-from orchestrator.experiment import Experiment, Storage, open_experiment
+from orchestrator.experiment import Experiment, Storage, open_experiment, wait_for_ray
 from orchestrator.grid import Grid, Row, row_space, rows_record, sampler_seed
 from orchestrator.report.publish import write_report
 from orchestrator.report.records import StoredTrial, from_result, read_trials, reference_ap
@@ -78,6 +78,7 @@ def run_sweep(space: SweepSpace, *, name: str, storage: Storage, wandb_mode: str
     if interrupted:
         print("sweep: interrupted before every trial finished; rerun the same command to continue", flush=True)
     finished = [r for r in rows if r.status in ("completed", "stopped early")]
+    wait_for_ray()  # stopping beside the report (experiment.stop_ray)
     return {"rows": rows, "completed": not interrupted and len(finished) == len(rows) == space.num_samples}
 
 
@@ -195,4 +196,5 @@ def run_ablation(grid: Grid, *, name: str, storage: Storage, wandb_mode: str, ad
         print(f"report: {write_report(storage.folder(name))}")
     else:
         print(f"ablation: results in {storage.uri(name)}; sync it and run `python -m orchestrator.report` on the copy")
+    wait_for_ray()  # stopping beside the report (experiment.stop_ray)
     return {"trials": trials, "failed": failed}

@@ -1,11 +1,13 @@
 """One experiment on Ray, shared by a sweep and an ablation: its data, the local Ray it starts (or the
 cluster it joins), and its lifecycle: the teacher (trained once and cached, or given), its figures and
-the undistilled reference rows, Ray shut down at the end whatever happens inside (:func:`open_experiment`).
-Where it is stored is a :class:`~orchestrator.storage.Storage`."""
+the undistilled reference rows, Ray shut down at the end whatever happens inside (:func:`open_experiment`;
+the shutdown runs beside the driver's last work, see :func:`stop_ray`). Where it is stored is a
+:class:`~orchestrator.storage.Storage`."""
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,29 @@ def data_paths(space: SweepSpace) -> DataPaths:
     return ensure_mini_benchmark(Path(space.data.mini_dir).resolve())
 
 
+_stopping: threading.Thread | None = None
+
+
+def stop_ray() -> None:
+    """``ray.shutdown()`` in a thread beside the driver's last work (results, the report). Ray stops the
+    processes it started one by one, giving each up to a second to exit, and sleeps while they do (about
+    1.1 s of the 1.4 s it takes on 2 cores, 0.07 CPU-s in all): the report's own work fits in that time.
+    :func:`wait_for_ray` joins it; :func:`start_ray` does first, and so does the interpreter's exit (the
+    thread is not a daemon)."""
+    global _stopping
+    wait_for_ray()
+    _stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+    _stopping.start()
+
+
+def wait_for_ray() -> None:
+    """Return once a shutdown started by :func:`stop_ray` is over."""
+    global _stopping
+    if _stopping is not None:
+        _stopping.join()
+        _stopping = None
+
+
 def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
     # The legacy output engine: the only one whose status table takes chosen columns (tuning.StatusTable).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -43,6 +68,7 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
     # checkpoint, and a trial created since is forgotten (its point and its first epochs lost, a new trial
     # made in its place). Every 2 s keeps that window shorter than any trial's start-up. A user's own wins.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    wait_for_ray()  # an earlier experiment's Ray, still stopping, reads as initialized until it is gone
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": env_vars}
@@ -59,6 +85,12 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
     # the one machine this Ray runs on there is nothing to preempt. Measured on 2 cores: the tuned-ablation
     # test 258 s against 284 s with it (BENCHMARKS.md). A user's own setting wins.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if not ray_train:
+        # Ray starts a process per CPU for the job's first tasks, with Python and Ray loaded. A Tune trial
+        # never takes one (Tune gives its actors a runtime environment of their own), so on a sweep of
+        # one-worker trials they only share the cores with Ray's start and the first trial's, and are
+        # stopped once it runs: about 1 CPU-s for nothing (a teacher to train starts its own process, once).
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False, include_dashboard=ray_train)
 
 
@@ -113,4 +145,4 @@ def open_experiment(space: SweepSpace, *, name: str, storage: Storage, wandb_mod
         yield experiment
     finally:
         if address is None:
-            ray.shutdown()
+            stop_ray()

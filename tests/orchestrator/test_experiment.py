@@ -1,0 +1,43 @@
+"""The local Ray an experiment starts and stops (``orchestrator.experiment``), on a real Ray."""
+from __future__ import annotations
+
+import psutil
+import pytest
+import ray
+
+from orchestrator.experiment import start_ray, stop_ray, wait_for_ray
+from orchestrator.space_file import load_space
+
+pytestmark = pytest.mark.ray
+
+
+def _ray_workers() -> list[psutil.Process]:
+    """Ray's Python worker processes under this process (the raylet's children): ``default_worker.py``
+    while they start, ``ray::IDLE`` once they run."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = process.cmdline()
+        except psutil.Error:
+            continue
+        if command[1:2] and command[1].endswith("default_worker.py") or command[:1] and command[0].startswith("ray::IDLE"):
+            found.append(process)
+    return found
+
+
+def test_ray_stops_beside_the_driver_and_the_next_start_waits_for_it(monkeypatch):
+    monkeypatch.delenv("RAY_prestart_worker_first_driver", raising=False)
+    space = load_space()  # one-worker trials
+    start_ray(None, space, {})
+    try:
+        # a sweep of one-worker trials starts no worker processes ahead (no Tune trial could take one)
+        assert [p.cmdline() for p in _ray_workers()] == []
+        stop_ray()  # returns while Ray's processes stop
+        start_ray(None, space, {})  # waits for that, then starts a new Ray
+        wait_for_ray()  # nothing left to wait for: had start_ray not waited, this would end the new Ray
+        assert ray.is_initialized()
+        assert ray.get(ray.remote(lambda: 2).remote()) == 2
+    finally:
+        stop_ray()
+        wait_for_ray()
+    assert not ray.is_initialized()
