@@ -13,8 +13,8 @@ For every trial it measures:
   models, Ray's own processes; for a trial process Tune reuses from an earlier trial, from the start of the
   trial's own code (``time/trial_started_at``) instead; and, for the sweep, also from Tune starting the
   trial (Tune asking the Optuna searcher for its point: the Optuna trial's start) to that first step;
-- the training loop (train + evaluation, timed by the loop), and the CPU seconds of every process of the
-  run, sampled from ``/proc`` every 0.25 s (a plain run: its process; a sweep: every process under the
+- the training loop (train + evaluation, timed by the loop) of every trial, with the CPU seconds the
+  loop's process spent in it, and the CPU seconds of every process of the run, sampled from ``/proc`` every 0.25 s (a plain run: its process; a sweep: every process under the
   sweep's driver, Ray's daemons included, divided by the trials).
 ``--cpus-per-trial`` sets both the trial's CPUs and the plain runs' OpenMP threads; ``--concurrent`` runs
 that many trials at once on both sides; ``--repeats N`` runs plain and sweep N times, alternating, and
@@ -90,7 +90,7 @@ class Sampler:
 def plain(args, work: Path) -> dict:
     """The trials as ``python -m dmkd.train`` processes, ``--concurrent`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus_per_trial)}
-    startup, loops, cpu = [], [], []
+    startup, loops, loop_cpu, cpu = [], [], [], []
     started_all = time.perf_counter()
     for first in range(0, args.trials, args.concurrent):
         running = []
@@ -108,8 +108,10 @@ def plain(args, work: Path) -> dict:
             epochs = json.loads((out / "metrics.json").read_text())["epochs"]
             startup.append(epochs[0][LOOP_STARTED_AT] - sampler.started[process.pid])
             loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in epochs))
+            loop_cpu.append(sum(e.get("time/cpu_s", 0) for e in epochs))
             cpu.append(sum(sampler.cpu.values()))
-    return {"wall_s": time.perf_counter() - started_all, "startup_s": startup, "loop_s": loops, "cpu_s": cpu}
+    return {"wall_s": time.perf_counter() - started_all, "startup_s": startup, "loop_s": loops, "loop_cpu_s": loop_cpu,
+            "cpu_s": cpu}
 
 
 def swept(args, work: Path) -> dict:
@@ -185,12 +187,15 @@ def main() -> None:
               "sweep_startup_each_s": [[round(v, 2) for v in b["startup_s"]] for b in sweeps],
               "sweep_startup_from_tune_each_s": [[round(v, 2) for v in b["startup_from_tune_s"]] for b in sweeps],
               "sweep_loop_s": pooled(sweeps, "loop_s"), "sweep_cpu_s_per_trial": pooled(sweeps, "cpu_s"),
+              "sweep_loop_each_s": [[round(v, 1) for v in b["loop_s"]] for b in sweeps],
               "sweep_loop_cpu_s": pooled(sweeps, "loop_cpu_s"), "sweep_processes": max(b["processes"] for b in sweeps)}
     if plains:
         ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(plains, sweeps)]
         report.update({"plain_wall_s": statistics.fmean(a["wall_s"] for a in plains),
                        "ratio": statistics.median(ratios), "ratio_each": [round(r, 3) for r in ratios],
                        "plain_startup_s": pooled(plains, "startup_s"), "plain_loop_s": pooled(plains, "loop_s"),
+                       "plain_loop_each_s": [[round(v, 1) for v in a["loop_s"]] for a in plains],
+                       "plain_loop_cpu_s": pooled(plains, "loop_cpu_s"),
                        "plain_cpu_s_per_trial": pooled(plains, "cpu_s"),
                        "loop_ratio": pooled(sweeps, "loop_s") / pooled(plains, "loop_s")})
     for key, value in report.items():
