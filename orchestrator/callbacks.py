@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import ray
 import wandb
 from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.util.queue import Queue
@@ -22,6 +23,7 @@ from orchestrator.trial import TrialSetup, trial_train_config
 from orchestrator.trial_training import PICTURE_PNG
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
+PREVIOUS_ITEM_WAIT_S = 60  # the longest a W&B item waits for the one before it (see _SendOnlyQueue)
 
 
 def wandb_env(mode: str, experiment: Path | None) -> dict:
@@ -69,13 +71,19 @@ def run_name(cfg: TrainConfig, row: str | None) -> str:
 
 
 class _SendOnlyQueue(Queue):
-    """A trial's W&B queue whose ``put`` sends and does not wait. Ray's waits for the queue actor's reply,
-    and the first reply waits for that actor's process to start: 1.5-7 s of a stalled driver per trial
-    (measured with py-spy). The queue is unbounded and one caller's actor calls run in order, so nothing
-    is lost or reordered by not waiting."""
+    """A trial's W&B queue whose ``put`` does not wait for its own item to arrive. Ray's waits for the
+    queue actor's reply, and the first reply waits for that actor's process to start: 1.5-7 s of a stalled
+    driver per trial (measured with py-spy). It does wait for the item before: the queue actor is an async
+    actor, whose calls Ray may run out of order, and an end-of-run marker that overtook a trial's last
+    results would close its W&B run without them. Items come an epoch apart, so that wait is almost
+    always over before it starts; it is bounded, so a queue actor that never answers cannot hang a sweep."""
+
+    _in_flight = None  # the ObjectRef of the last put (the class is swapped in: no __init__ of its own)
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
-        self.actor.put_nowait.remote(item)
+        if self._in_flight is not None:
+            ray.wait([self._in_flight], timeout=PREVIOUS_ITEM_WAIT_S)  # ready, failed or timed out: never raises
+        self._in_flight = self.actor.put_nowait.remote(item)
 
 
 class DMKDWandbCallback(WandbLoggerCallback):
