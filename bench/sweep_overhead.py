@@ -14,8 +14,9 @@ For every trial it measures:
   trial's own code (``time/trial_started_at``) instead; and, for the sweep, also from Tune starting the
   trial (Tune asking the Optuna searcher for its point: the Optuna trial's start) to that first step;
 - the training loop (train + evaluation, timed by the loop) of every trial, with the CPU seconds the
-  loop's process spent in it, and the CPU seconds of every process of the run, sampled from ``/proc`` every 0.25 s (a plain run: its process; a sweep: every process under the
-  sweep's driver, Ray's daemons included, divided by the trials).
+  loop's process spent in it, and the CPU seconds of every process of the run, sampled from ``/proc``
+  every 0.25 s (a plain run: its process; a sweep: every process under the sweep's driver, Ray's daemons
+  included, divided by the trials).
 ``--cpus-per-trial`` sets both the trial's CPUs and the plain runs' OpenMP threads; ``--concurrent`` runs
 that many trials at once on both sides; ``--repeats N`` runs plain and sweep N times, alternating, and
 reports each pair's ratio and their median (the machine drifts between runs minutes apart). Prints a
