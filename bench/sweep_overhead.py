@@ -88,6 +88,13 @@ class Sampler:
         self._thread.join()
 
 
+def loop_figures(epochs: list[dict]) -> tuple[float, float]:
+    """A run's training loop from its per-epoch records, the same on both sides: seconds (train +
+    evaluation, timed by the loop) and the CPU seconds its process spent in them."""
+    return (sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in epochs),
+            sum(e.get("time/cpu_s", 0) for e in epochs))
+
+
 def plain(args, work: Path) -> dict:
     """The trials as ``python -m dmkd.train`` processes, ``--concurrent`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus_per_trial)}
@@ -108,8 +115,9 @@ def plain(args, work: Path) -> dict:
             sampler.stop()
             epochs = json.loads((out / "metrics.json").read_text())["epochs"]
             startup.append(epochs[0][LOOP_STARTED_AT] - sampler.started[process.pid])
-            loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in epochs))
-            loop_cpu.append(sum(e.get("time/cpu_s", 0) for e in epochs))
+            seconds, cpu_seconds = loop_figures(epochs)
+            loops.append(seconds)
+            loop_cpu.append(cpu_seconds)
             cpu.append(sum(sampler.cpu.values()))
     return {"wall_s": time.perf_counter() - started_all, "startup_s": startup, "loop_s": loops, "loop_cpu_s": loop_cpu,
             "cpu_s": cpu}
@@ -146,8 +154,9 @@ def swept(args, work: Path) -> dict:
         seen.add(pid)
         startup.append(history[0][LOOP_STARTED_AT] - began if began else float("nan"))
         from_tune.append(history[0][LOOP_STARTED_AT] - asked[trial.trial_id])
-        loops.append(sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in history))
-        loop_cpu.append(sum(e.get("time/cpu_s", 0) for e in history))
+        seconds, cpu_seconds = loop_figures(history)
+        loops.append(seconds)
+        loop_cpu.append(cpu_seconds)
     total_cpu = sum(sampler.cpu.values())
     return {"wall_s": wall, "startup_s": startup, "startup_from_tune_s": from_tune, "loop_s": loops, "cpu_s": [total_cpu / args.trials] * args.trials,
             "loop_cpu_s": loop_cpu, "processes": len(sampler.cpu)}
@@ -180,22 +189,26 @@ def main() -> None:
         """The mean of ``key`` over every trial of every run of one side (``plains`` or ``sweeps``)."""
         return statistics.fmean(v for run in side for v in run[key])
 
+    def each(side: list[dict], key: str, digits: int) -> list[list[float]]:
+        """``key`` of every trial, run by run, rounded for the printout."""
+        return [[round(v, digits) for v in run[key]] for run in side]
+
     report = {"trials": args.trials, "epochs": args.epochs, "cpus_per_trial": args.cpus_per_trial, "workers": args.workers,
               "concurrent": args.concurrent, "repeats": args.repeats, "machine": cpu_name(),
               "git_commit": provenance()["git_commit"], "date": time.strftime("%Y-%m-%d %H:%M"),
               "sweep_wall_s": statistics.fmean(b["wall_s"] for b in sweeps),
               "sweep_startup_s": pooled(sweeps, "startup_s"), "sweep_startup_from_tune_s": pooled(sweeps, "startup_from_tune_s"),
-              "sweep_startup_each_s": [[round(v, 2) for v in b["startup_s"]] for b in sweeps],
-              "sweep_startup_from_tune_each_s": [[round(v, 2) for v in b["startup_from_tune_s"]] for b in sweeps],
+              "sweep_startup_each_s": each(sweeps, "startup_s", 2),
+              "sweep_startup_from_tune_each_s": each(sweeps, "startup_from_tune_s", 2),
               "sweep_loop_s": pooled(sweeps, "loop_s"), "sweep_cpu_s_per_trial": pooled(sweeps, "cpu_s"),
-              "sweep_loop_each_s": [[round(v, 1) for v in b["loop_s"]] for b in sweeps],
+              "sweep_loop_each_s": each(sweeps, "loop_s", 1),
               "sweep_loop_cpu_s": pooled(sweeps, "loop_cpu_s"), "sweep_processes": max(b["processes"] for b in sweeps)}
     if plains:
         ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(plains, sweeps)]
         report.update({"plain_wall_s": statistics.fmean(a["wall_s"] for a in plains),
                        "ratio": statistics.median(ratios), "ratio_each": [round(r, 3) for r in ratios],
                        "plain_startup_s": pooled(plains, "startup_s"), "plain_loop_s": pooled(plains, "loop_s"),
-                       "plain_loop_each_s": [[round(v, 1) for v in a["loop_s"]] for a in plains],
+                       "plain_loop_each_s": each(plains, "loop_s", 1),
                        "plain_loop_cpu_s": pooled(plains, "loop_cpu_s"),
                        "plain_cpu_s_per_trial": pooled(plains, "cpu_s"),
                        "loop_ratio": pooled(sweeps, "loop_s") / pooled(plains, "loop_s")})
