@@ -20,7 +20,7 @@ from orchestrator.callbacks import wandb_callbacks
 from orchestrator.experiment import Experiment, Storage, open_experiment, wait_for_ray
 from orchestrator.grid import Grid, Row, row_space, rows_record, sampler_seed
 from orchestrator.report.publish import write_report
-from orchestrator.report.records import StoredTrial, from_result, read_trials, reference_ap
+from orchestrator.report.records import StoredTrial, from_result, read_trials, reference_ap, trial_folder
 from orchestrator.report.search import study_origins, sweep_search, tuning_compute
 from orchestrator.report.sweep import LeaderboardRow, leaderboard, leaderboard_text, write_results
 from orchestrator.space import SweepSpace, describe, paper_default_point
@@ -87,7 +87,7 @@ def _finish_sweep(rows: list[LeaderboardRow], folder: Path, space: SweepSpace, w
     best = write_results(rows, folder, space)
     if best is not None:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items() if v is not None)
-        print(f"\nbest: run_trial_{best.trial_id}  {space.objective.metric}={best.figures[space.objective.metric]:.4f}  {params}")
+        print(f"\nbest: {trial_folder(best.trial_id)}  {space.objective.metric}={best.figures[space.objective.metric]:.4f}  {params}")
         print(f"results: {folder / 'results.csv'}, {folder / 'best.json'}")
     search = sweep_search(folder, describe(space))
     atomic_write_json(folder / "sweep.json", {**read_json(folder / "sweep.json", "sweep record"), "search": search})

@@ -14,6 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from dmkd.metrics import BEST_VAL_AP, VAL_AP
+from orchestrator.report.records import TRIAL_FOLDER, trial_folder
 from orchestrator.searcher import PruningAwareOptunaSearch, close_lost_trials
 from orchestrator.space import Objective, SweepSpace, define_by_run, paper_default_point
 from orchestrator.storage import sqlite_url
@@ -38,12 +39,9 @@ class StatusTable(tune.CLIReporter):
         super().report(trials, done, self._header, *sys_info)
 
 
-TRIAL_FOLDER = "run_trial_"  # + the trial's id: each trial's folder (see trial_dirname)
-
-
 def trial_dirname(trial) -> str:
     """Tune's trial folder: ``run_trial_<id>`` (Tune's default puts every parameter value in the name)."""
-    return f"{TRIAL_FOLDER}{trial.trial_id}"
+    return trial_folder(trial.trial_id)
 
 
 def tune_callbacks(*extra) -> list:
@@ -126,8 +124,8 @@ def set_aside_lost_trials(result_grid, folder: Path | None, study_name: str | No
         return
     known = {Path(result.path).name.removeprefix(TRIAL_FOLDER) for result in result_grid if result.path}
     lost = [f for f in sorted(folder.glob(f"{TRIAL_FOLDER}*")) if f.name.removeprefix(TRIAL_FOLDER) not in known]
-    for trial_folder in lost:
-        trial_folder.rename(folder / f"lost_trial_{trial_folder.name.removeprefix(TRIAL_FOLDER)}")
+    for stored in lost:
+        stored.rename(folder / f"lost_trial_{stored.name.removeprefix(TRIAL_FOLDER)}")
     numbers = []
     if study_name is not None and (folder / "optuna.db").is_file():
         numbers = close_lost_trials(optuna.load_study(study_name=study_name, storage=sqlite_url(folder / "optuna.db")),

@@ -99,7 +99,7 @@ def tune_results(experiment: Path) -> dict[str, list[dict]]:
     records = {}
     for file in experiment.glob("run_trial_*/result.json"):
         lines = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        records[file.parent.name.split("_")[2]] = lines
+        records[file.parent.name.removeprefix("run_trial_")] = lines
     return records
 
 

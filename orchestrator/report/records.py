@@ -11,6 +11,13 @@ from dmkd.errors import UserError, one_line
 from dmkd.io import read_json
 from dmkd.metrics import VAL_AP
 
+TRIAL_FOLDER = "run_trial_"  # + Tune's trial id: each trial's folder (tuning.trial_dirname names them so)
+
+
+def trial_folder(trial_id: str) -> str:
+    """The folder name of Tune's trial ``trial_id`` in its experiment."""
+    return f"{TRIAL_FOLDER}{trial_id}"
+
 
 @dataclass(frozen=True)
 class StoredTrial:
@@ -73,8 +80,8 @@ def _history(result_file: Path) -> list[dict]:
 def read_trials(folder: Path) -> list[StoredTrial]:
     """Every trial Tune stored in ``folder`` (an experiment, or one row's tuning study)."""
     trials = []
-    for trial_folder in sorted(Path(folder).glob("run_trial_*")):
-        params_file, result_file, error_file = (trial_folder / name for name in ("params.json", "result.json", "error.txt"))
+    for stored in sorted(Path(folder).glob(f"{TRIAL_FOLDER}*")):
+        params_file, result_file, error_file = (stored / name for name in ("params.json", "result.json", "error.txt"))
         config = read_json(params_file, "trial parameters") if params_file.is_file() else {}
         history = _history(result_file) if result_file.is_file() else []
         error, failures = None, 0
@@ -82,7 +89,7 @@ def read_trials(folder: Path) -> list[StoredTrial]:
             text = error_file.read_text()
             lines = [line for line in text.strip().splitlines() if line.strip()]
             error, failures = (lines[-1] if lines else "failed"), max(1, text.count("Failure # "))
-        trials.append(StoredTrial(trial_folder.name.split("_")[2], config, history, error, failures))
+        trials.append(StoredTrial(stored.name.removeprefix(TRIAL_FOLDER), config, history, error, failures))
     return trials
 
 
@@ -90,9 +97,8 @@ def from_result(result) -> StoredTrial:
     """A trial of Tune's ``ResultGrid`` (what a cloud storage leaves the driver): its last result only."""
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
-    if not trial_id:  # from Tune's folder name, run_trial_<id>, for a trial without metrics
-        parts = Path(result.path).name.split("_") if result.path else []
-        trial_id = parts[2] if len(parts) > 2 else "?"
+    if not trial_id:  # from Tune's folder name, for a trial without metrics
+        trial_id = Path(result.path).name.removeprefix(TRIAL_FOLDER) if result.path else "?"
     error = one_line(result.error) if result.error is not None else None
     return StoredTrial(trial_id, dict(result.config or {}), [metrics] if metrics else [], error, int(error is not None))
 

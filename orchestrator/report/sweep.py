@@ -15,7 +15,7 @@ from dmkd.metrics import COCO_FIGURES, VAL_AP, split_metric
 from orchestrator.report import text
 from orchestrator.report.fidelity import common_epoch, importances_at, rung_validity
 from orchestrator.report.plots import plot_epochs, plot_pareto, plot_scatter
-from orchestrator.report.records import ExperimentRecord, StoredTrial, reference_ap, trial_status
+from orchestrator.report.records import ExperimentRecord, StoredTrial, reference_ap, trial_folder, trial_status
 from orchestrator.report.search import sweep_search
 from orchestrator.report.text import Section
 from orchestrator.space import SweepSpace
@@ -75,7 +75,7 @@ def leaderboard_text(rows: list[LeaderboardRow], limit: int = 20) -> str:
         cells = ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
         delta, ap50 = row.delta_AP, row.figures.get(split_metric("val", "AP50"))
         cells += ["-" if delta is None else f"{delta:+.4f}", "-" if ap50 is None else f"{ap50:.4g}"]
-        lines.append([f"run_trial_{row.trial_id}", *cells, str(row.epochs), row.status])
+        lines.append([trial_folder(row.trial_id), *cells, str(row.epochs), row.status])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines)
 
@@ -97,7 +97,7 @@ def write_results(rows: list[LeaderboardRow], folder: Path, space: SweepSpace) -
     if best is not None:
         params = {k: v for k, v in best.params.items() if v is not None}
         train, distill = space.routed({**space.fixed, **params})
-        atomic_write_json(folder / "best.json", {"trial": f"run_trial_{best.trial_id}", "objective": metric,
+        atomic_write_json(folder / "best.json", {"trial": trial_folder(best.trial_id), "objective": metric,
                                                  "value": best.figures[metric], "params": params, "method": space.method,
                                                  "train": train, "distill": distill,
                                                  "figures": {k: best.figures.get(k) for k in VAL_FIGURES}})

@@ -96,7 +96,7 @@ def _checkpointed_epochs(experiment: Path) -> dict[str, int]:
     for folder in experiment.glob("run_trial_*/checkpoint_*"):
         epoch = stored_epoch(fs, str(folder))
         if epoch is not None:
-            trial_id = folder.parent.name.split("_")[2]
+            trial_id = folder.parent.name.removeprefix("run_trial_")
             found[trial_id] = max(found.get(trial_id, 0), epoch)
     return found
 

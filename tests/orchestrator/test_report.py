@@ -304,7 +304,7 @@ def test_sweep_report_reads_stopped_trials_at_one_epoch(tmp_path, monkeypatch):
     (experiment / "reference.json").write_text(json.dumps(
         {"0": {"history": [{"epoch": 3, "val/AP": 0.30}], "final": {"epoch": 3, "val/AP": 0.30}}}))
     for i in range(11):
-        folder = experiment / f"run_trial_t{i:02d}_0_x"
+        folder = experiment / f"run_trial_t{i:02d}"
         folder.mkdir()
         alpha = 10 ** (-6 + 0.2 * i)
         (folder / "params.json").write_text(json.dumps({"alpha": alpha, "temperature": 0.2 + 0.07 * ((3 * i) % 11),
@@ -351,12 +351,24 @@ def test_an_ablation_on_a_uri_storage_writes_nothing_beside_it(tmp_path, mini_da
     assert "sync it and run `python -m orchestrator.report`" in run.stdout
 
 
+def test_trial_ids_are_read_whole_from_trial_folders(tmp_path):
+    """Tune names a grid's trials (an ablation's) <5 hex>_<index>: the id is everything after run_trial_,
+    or every trial of an ablation would share one id."""
+    from orchestrator.report.records import read_trials
+
+    for trial_id in ("1a2b3_00000", "1a2b3_00001", "8a9a0fb9"):
+        folder = tmp_path / f"run_trial_{trial_id}"
+        folder.mkdir()
+        (folder / "result.json").write_text(json.dumps({"epoch": 1, "val/AP": 0.1}))
+    assert [t.trial_id for t in read_trials(tmp_path)] == ["1a2b3_00000", "1a2b3_00001", "8a9a0fb9"]
+
+
 def test_a_trial_that_failed_and_then_finished_on_a_retry_counts_as_finished(tmp_path):
     """Tune keeps a trial's error file after a retry that finished (a one-worker trial restarted from its
     checkpoint): what decides is whether the budget was reached."""
     from orchestrator.report.records import read_trials
 
-    for name, epochs in (("run_trial_aaa_0", 2), ("run_trial_bbb_0", 1)):
+    for name, epochs in (("run_trial_aaa", 2), ("run_trial_bbb", 1)):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "params.json").write_text(json.dumps({"row": "mgd", "seed": 0}))
