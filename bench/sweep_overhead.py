@@ -17,6 +17,7 @@ For every trial it measures:
   loop's process spent in it, and the CPU seconds of every process of the run, sampled from ``/proc``
   every 0.25 s (a plain run: its process; a sweep: every process under the sweep's driver, Ray's daemons
   included, divided by the trials).
+With one trial at a time it also prints each side's fixed cost: the wall time less the loops.
 ``--cpus-per-trial`` sets both the trial's CPUs and the plain runs' OpenMP threads; ``--concurrent`` runs
 that many trials at once on both sides; ``--repeats N`` runs plain and sweep N times, alternating, and
 reports each pair's ratio and their median (the machine drifts between runs minutes apart). Prints a
@@ -93,6 +94,13 @@ def loop_figures(epochs: list[dict]) -> tuple[float, float]:
     evaluation, timed by the loop) and the CPU seconds its process spent in them."""
     return (sum(e["time/train_s"] + e.get("time/eval_s", 0) for e in epochs),
             sum(e.get("time/cpu_s", 0) for e in epochs))
+
+
+def fixed(run: dict) -> float:
+    """A run's wall time less its trials' loops, for trials run one at a time: its start-ups, its ends and,
+    for a sweep, Ray's start and stop, Tune and the report. The machine's drift changes mostly the loops,
+    so this part of a ratio compares across runs minutes apart better than the ratio does."""
+    return run["wall_s"] - sum(run["loop_s"])
 
 
 def plain(args, work: Path) -> dict:
@@ -203,6 +211,9 @@ def main() -> None:
               "sweep_loop_s": pooled(sweeps, "loop_s"), "sweep_cpu_s_per_trial": pooled(sweeps, "cpu_s"),
               "sweep_loop_each_s": each(sweeps, "loop_s", 1),
               "sweep_loop_cpu_s": pooled(sweeps, "loop_cpu_s"), "sweep_processes": max(b["processes"] for b in sweeps)}
+    if args.concurrent == 1:  # one trial at a time: what a run costs beyond its trials' loops
+        report["sweep_fixed_s"] = statistics.fmean(fixed(b) for b in sweeps)
+        report["sweep_fixed_each_s"] = [round(fixed(b), 1) for b in sweeps]
     if plains:
         ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(plains, sweeps)]
         report.update({"plain_wall_s": statistics.fmean(a["wall_s"] for a in plains),
@@ -212,6 +223,9 @@ def main() -> None:
                        "plain_loop_cpu_s": pooled(plains, "loop_cpu_s"),
                        "plain_cpu_s_per_trial": pooled(plains, "cpu_s"),
                        "loop_ratio": pooled(sweeps, "loop_s") / pooled(plains, "loop_s")})
+        if args.concurrent == 1:
+            report["plain_fixed_s"] = statistics.fmean(fixed(a) for a in plains)
+            report["plain_fixed_each_s"] = [round(fixed(a), 1) for a in plains]
     for key, value in report.items():
         print(f"{key:26s} {value:.2f}" if isinstance(value, float) else f"{key:26s} {value}")
     print(json.dumps(report))
