@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dmkd import distributed as dist_utils
 from dmkd.data import CocoDetection, check_box_sizes, check_records, collate, is_box, is_id, is_number, load_coco, to_coco_results
-from dmkd.errors import UserError, one_line
+from dmkd.errors import UserError, exit_process, one_line
 from dmkd.io import read_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -102,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from dmkd.data import load_coco
-from dmkd.errors import UserError, run_command
+from dmkd.errors import UserError, exit_process, run_command
 from dmkd.io import atomic_write_json
 
 
@@ -63,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

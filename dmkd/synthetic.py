@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dmkd.config import DataPaths
-from dmkd.errors import UserError, one_line
+from dmkd.errors import UserError, exit_process, one_line
 from dmkd.io import atomic_write_json
 
 CATEGORIES = [
@@ -163,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from dmkd.checkpoint import CHECKPOINT_NAME
 from dmkd.config import MINI_STUDENT, MINI_TEACHER, DataPaths, TrainConfig, parse_assignment, to_dict
 from dmkd.distillers import HEAD_METHODS, METHODS
 from dmkd.engine import fit
-from dmkd.errors import UserError, run_command
+from dmkd.errors import UserError, exit_process, run_command
 from dmkd.models import ARCHITECTURES, BACKBONES, TORCHVISION_DETECTORS, TORCHVISION_FIXED, DetectorConfig
 from dmkd.step import NonFiniteLossError
 
@@ -153,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 from dmkd.config import parse_assignment
 from dmkd.distillers import search_space
-from dmkd.errors import run_command
+from dmkd.errors import exit_process, run_command
 from dmkd.provenance import provenance
 from orchestrator.grid import load_grid, rows_record
 from orchestrator.space import describe
@@ -79,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from dmkd.config import parse_assignment
-from dmkd.errors import UserError, run_command
+from dmkd.errors import UserError, exit_process, run_command
 from dmkd.provenance import provenance
 from orchestrator.space import DEFAULT_SPACE, SweepSpace, describe, paper_default_point
 from orchestrator.space_file import check_files, load_space
@@ -111,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

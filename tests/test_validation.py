@@ -3,6 +3,8 @@ written or overwritten (the command lines are called in-process, as their ``main
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -285,3 +287,22 @@ def test_a_checkpoint_of_another_detector_says_what_differs(tmp_path, small_coco
                       "width: resume with the settings it was written with")
     assert {name: (out / name).read_bytes() for name in before} == before
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_command_line_ends_with_its_exit_code_and_pending_garbage_finalized():
+    """Every command line ends through exit_process, which spares the interpreter's shutdown its garbage
+    collections by freezing what is alive; what is garbage by then must still be finalized (gc is off
+    here, so only exit_process's own collection can finalize the cycle), and the exit code must pass."""
+    script = ("import atexit, gc\n"
+              "gc.disable()\n"
+              "from dmkd.errors import exit_process\n"
+              "class Pending:\n"
+              "    def __del__(self): print('finalized', flush=True)\n"
+              "a, b = Pending(), Pending()\n"
+              "a.other, b.other = b, a\n"
+              "del a, b\n"
+              "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0, flush=True))\n"
+              "exit_process(3)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr
+    assert run.stdout.split() == ["finalized", "finalized", "frozen", "True"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dmkd.errors import UserError, one_line
+from dmkd.errors import UserError, exit_process, one_line
 from orchestrator.report import __doc__ as DESCRIPTION
 from orchestrator.report.publish import write_report
 
@@ -25,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
