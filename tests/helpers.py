@@ -16,6 +16,7 @@ from dmkd.config import DataPaths, TrainConfig
 from dmkd.engine import load_data
 from dmkd.evaluate import evaluate_detector
 from dmkd.models import DetectorConfig, build_detector
+from orchestrator.report.records import TRIAL_FOLDER
 from orchestrator.space import DEFAULT_SPACE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,9 +98,9 @@ def sweep_command(space: Path, storage: Path, *extra: str) -> list[str]:
 def tune_results(experiment: Path) -> dict[str, list[dict]]:
     """Tune's own per-trial records: trial id -> reported results."""
     records = {}
-    for file in experiment.glob("run_trial_*/result.json"):
+    for file in experiment.glob(f"{TRIAL_FOLDER}*/result.json"):
         lines = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        records[file.parent.name.removeprefix("run_trial_")] = lines
+        records[file.parent.name.removeprefix(TRIAL_FOLDER)] = lines
     return records
 
 

@@ -89,14 +89,15 @@ def _checkpointed_epochs(experiment: Path) -> dict[str, int]:
     ``orchestrator.trial.stored_epoch``: a folder Ray is still copying does not count)."""
     import pyarrow.fs
 
+    from orchestrator.report.records import TRIAL_FOLDER
     from orchestrator.trial import stored_epoch
 
     found: dict[str, int] = {}
     fs = pyarrow.fs.LocalFileSystem()
-    for folder in experiment.glob("run_trial_*/checkpoint_*"):
+    for folder in experiment.glob(f"{TRIAL_FOLDER}*/checkpoint_*"):
         epoch = stored_epoch(fs, str(folder))
         if epoch is not None:
-            trial_id = folder.parent.name.removeprefix("run_trial_")
+            trial_id = folder.parent.name.removeprefix(TRIAL_FOLDER)
             found[trial_id] = max(found.get(trial_id, 0), epoch)
     return found
 
