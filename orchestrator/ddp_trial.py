@@ -34,15 +34,17 @@ def train_worker(config: dict) -> None:
     train_and_report(config, ray.train.get_checkpoint(), ray.train.report, ray.train.get_context().get_world_rank())
 
 
-def fit_on_worker_group(train_cfg: TrainConfig, *, space: SweepSpace, train_storage: str, env_vars: dict) -> None:
-    """Train ``train_cfg`` on ``space.resources.num_workers`` Ray Train workers, reporting to Tune."""
+def fit_on_worker_group(train_cfg: TrainConfig, *, space: SweepSpace, train_storage: str, env_vars: dict,
+                        picture: bool) -> None:
+    """Train ``train_cfg`` on ``space.resources.num_workers`` Ray Train workers, reporting to Tune
+    (``picture``: rank 0 draws the method's picture after the last epoch)."""
     resources = space.resources
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
     trainer = TrainerWithoutDatasets(
         train_worker,
-        train_loop_config={"train": to_dict(train_cfg)},
+        train_loop_config={"train": to_dict(train_cfg), "picture": picture},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(

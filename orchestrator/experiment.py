@@ -132,7 +132,8 @@ def open_experiment(space: SweepSpace, *, name: str, storage: Storage, wandb_mod
     try:
         cache = storage.folder() if storage.local else None  # the teacher and reference caches need a filesystem
         teacher = ensure_teacher(space, paths, cache / "teachers" if cache else None) if distills else None
-        setup = TrialSetup(teacher, paths, storage.uri(name, "train"), env_vars)
+        # the picture's only reader is the trial's W&B run: with W&B off it would cost each trial ~1 s for nothing
+        setup = TrialSetup(teacher, paths, storage.uri(name, "train"), env_vars, picture=wandb_mode != "off")
         experiment = Experiment(storage, name, teacher, paths, setup)
         if storage.local:
             experiment.folder.mkdir(parents=True, exist_ok=True)

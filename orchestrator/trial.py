@@ -10,7 +10,7 @@ trial of several workers builds a ``TorchTrainer`` (DDP: NCCL on GPUs, gloo on C
 
 Both paths train with :func:`orchestrator.trial_training.train_and_report` and report the same figures and the same checkpoint
 folder (``checkpoint.pt``, ``metrics.json`` and, after the last epoch, the method's picture,
-``attention.png`` for DMKD), so resuming, ASHA, W&B and the reports see no difference.
+``attention.png`` for DMKD, when W&B is on to show it), so resuming, ASHA, W&B and the reports see no difference.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class TrialSetup:
     data_paths: DataPaths
     train_storage: str  # where Ray Train keeps the trial's checkpoints
     env_vars: dict = field(default_factory=dict)
+    picture: bool = True  # draw the method's picture after the last epoch (only a W&B run shows it)
 
     def stored_in(self, train_storage: str) -> TrialSetup:
         return dataclasses.replace(self, train_storage=train_storage)
@@ -112,9 +113,11 @@ def run_trial(config: dict, *, space: SweepSpace, setup: TrialSetup, rows: dict[
     train_cfg = trial_train_config(config, space=space, setup=setup, rows=rows)
     if not space.resources.worker_group:
         torch.set_num_threads(max(1, int(space.resources.cpus_per_worker)))  # the cores Tune reserved for it
-        train_and_report({"train": to_dict(train_cfg)}, newest_stored_checkpoint() or ray.tune.get_checkpoint(),
+        train_and_report({"train": to_dict(train_cfg), "picture": setup.picture},
+                         newest_stored_checkpoint() or ray.tune.get_checkpoint(),
                          ray.tune.report, checkpoint_class=ray.tune.Checkpoint)
         return
     from orchestrator.ddp_trial import fit_on_worker_group  # Ray Train: imported only by multi-worker trials
 
-    fit_on_worker_group(train_cfg, space=space, train_storage=setup.train_storage, env_vars=setup.env_vars)
+    fit_on_worker_group(train_cfg, space=space, train_storage=setup.train_storage, env_vars=setup.env_vars,
+                        picture=setup.picture)

@@ -42,7 +42,8 @@ def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint 
     """Train ``config["train"]`` (a TrainConfig as a dict) from ``checkpoint`` (the last one reported, when
     a trial is restarted or a sweep restored), calling ``report(metrics, checkpoint=...)`` after every epoch:
     ``ray.tune.report`` in a one-worker trial, ``ray.train.report`` on every rank of a Train worker group.
-    ``checkpoint_class`` is the Checkpoint that ``report`` takes (Tune's and Train's are two classes)."""
+    ``checkpoint_class`` is the Checkpoint that ``report`` takes (Tune's and Train's are two classes).
+    With ``config["picture"]`` the last epoch's checkpoint holds the method's picture (for W&B)."""
     started = time.time()
     local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
     cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
@@ -69,7 +70,7 @@ def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint 
         if written is None:
             report(metrics, checkpoint=None)
             return
-        if epoch == cfg.epochs:
+        if epoch == cfg.epochs and config["picture"]:
             _draw_picture(cfg, data, teacher, local)
         report(metrics, checkpoint=checkpoint_class.from_directory(str(local)))
 

@@ -18,9 +18,10 @@ from orchestrator.experiment import data_paths
 from orchestrator.grid import load_grid
 from orchestrator.reference import ensure_references, reference_folder
 from orchestrator.report.ablation import ablation_markdown, ablation_table, pairing_check
-from orchestrator.report.records import StoredTrial
+from orchestrator.report.records import TRIAL_FOLDER, StoredTrial
 from orchestrator.report.stats import holm, paired_difference, summarize
 from orchestrator.trial import TrialSetup
+from orchestrator.trial_training import PICTURE_PNG
 from tests.helpers import ROOT, TINY, command_env, run_module, tiny_teacher
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -213,6 +214,13 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     assert set(stored) == {(row, seed) for row in ("mgd", "dmkd") for seed in (0, 1)}
     for lines in stored.values():
         assert lines[-1]["epoch"] == 2 and "test/AP" in lines[-1] and "test/AP" not in lines[0]
+    # DMKD's picture (MGD has none), drawn after the last epoch: in that epoch's checkpoint and the trial's W&B run
+    for folder in experiment.glob(f"{TRIAL_FOLDER}*"):
+        dmkd = json.loads((folder / "params.json").read_text())["row"] == "dmkd"
+        drawn = [p.parent.name for p in folder.glob(f"checkpoint_*/{PICTURE_PNG}")]
+        assert drawn == (["checkpoint_000001"] if dmkd else []), (folder.name, drawn)
+        logged = (experiment / "wandb").glob(f"offline-run-*-{folder.name.removeprefix(TRIAL_FOLDER)}/files/media/images/*")
+        assert [p.name.startswith("attention_1_") and p.suffix == ".png" for p in logged] == ([True] if dmkd else [])
 
     # the reference row: trained once per seed through the trial machinery, cached outside the experiment
     reference = json.loads((experiment / "reference.json").read_text())
@@ -334,9 +342,10 @@ def test_sweep_report_reads_stopped_trials_at_one_epoch(tmp_path, monkeypatch):
 def test_an_ablation_on_a_uri_storage_writes_nothing_beside_it(tmp_path, mini_data):
     """A cloud storage (here a file:// URI: Tune writes through pyarrow as it would to s3://) gets Tune's
     results and nothing else: no folder named after the URI in the working directory, no driver files
-    (ablation.json, the report) that would need a local folder, no reference cache."""
+    (ablation.json, the report) that would need a local folder, no reference cache. With W&B off, no
+    trial draws DMKD's picture (its only reader is the W&B run)."""
     path = _grid(tmp_path, mini_data, {"seeds": 1, "tune": {"trials": 1, "epochs": 1},
-                                       "rows": {"mgd": {"method": "mgd"}}}, "abl")
+                                       "rows": {"dmkd": {"method": "dmkd"}}}, "abl")
     work = tmp_path / "cwd"
     work.mkdir()
     run = subprocess.run([sys.executable, "-m", "orchestrator.ablate", "--grid", str(path), "--storage",
@@ -345,7 +354,9 @@ def test_an_ablation_on_a_uri_storage_writes_nothing_beside_it(tmp_path, mini_da
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert list(work.iterdir()) == []  # nothing written where the command ran (no "file:" or "s3:" folder)
     stored = tmp_path / "bucket" / "abl"
-    assert [p.name for p in (stored / "tune").iterdir()] == ["mgd"] and list(stored.glob("run_trial_*/result.json"))
+    assert [p.name for p in (stored / "tune").iterdir()] == ["dmkd"] and list(stored.glob("run_trial_*/result.json"))
+    checkpoints = list(stored.glob(f"**/{TRIAL_FOLDER}*/checkpoint_*"))
+    assert len(checkpoints) == 3 and not list(stored.glob(f"**/{PICTURE_PNG}"))  # the tuning trial's one, the seed's two
     assert not (stored / "ablation.json").exists() and not (stored / "report.md").exists()
     assert not (tmp_path / "bucket" / "references").exists()
     assert "sync it and run `python -m orchestrator.report`" in run.stdout

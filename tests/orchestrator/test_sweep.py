@@ -78,6 +78,9 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
         assert config["train.epochs"] == 2 and config["git_commit"] and config["version.ray"]
         assert summary["name"] == f"dmkd alpha={history[0]['config']['alpha']:.3g} seed 0"
         assert "val/delta_AP" not in summary["summary"]  # no reference row in this space (test_multinode has one)
+        # DMKD's picture, drawn by rank 0 after the last epoch (not by a trial ASHA stopped before it)
+        logged = [p.name for p in (run_dir / "files" / "media" / "images").glob("*.png")]
+        assert [n.startswith("attention_") for n in logged] == ([True] if history[-1]["epoch"] == 2 else [])
 
     report = json.loads((experiment / "report.json").read_text())
     assert report["reference_AP"] is None and all(e["delta_AP"] is None for e in report["leaderboard"])
