@@ -45,6 +45,7 @@ def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint 
     ``checkpoint_class`` is the Checkpoint that ``report`` takes (Tune's and Train's are two classes).
     With ``config["picture"]`` the last epoch's checkpoint holds the method's picture (for W&B)."""
     started = time.time()
+    picture = config["picture"]  # read first: a caller that leaves it out fails before training, not after
     local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
     cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
     resume_from, resumed_epoch, best = None, 0, []
@@ -70,7 +71,7 @@ def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint 
         if written is None:
             report(metrics, checkpoint=None)
             return
-        if epoch == cfg.epochs and config["picture"]:
+        if epoch == cfg.epochs and picture:
             _draw_picture(cfg, data, teacher, local)
         report(metrics, checkpoint=checkpoint_class.from_directory(str(local)))
 
