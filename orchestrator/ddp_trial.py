@@ -10,7 +10,6 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dmkd.config import TrainConfig, to_dict
 from orchestrator.space import SweepSpace
 from orchestrator.trial_training import train_and_report
 
@@ -34,17 +33,16 @@ def train_worker(config: dict) -> None:
     train_and_report(config, ray.train.get_checkpoint(), ray.train.report, ray.train.get_context().get_world_rank())
 
 
-def fit_on_worker_group(train_cfg: TrainConfig, *, space: SweepSpace, train_storage: str, env_vars: dict,
-                        picture: bool) -> None:
-    """Train ``train_cfg`` on ``space.resources.num_workers`` Ray Train workers, reporting to Tune
-    (``picture``: rank 0 draws the method's picture after the last epoch)."""
+def fit_on_worker_group(loop_config: dict, *, space: SweepSpace, train_storage: str, env_vars: dict) -> None:
+    """Train ``loop_config`` (what :func:`train_and_report` takes) on ``space.resources.num_workers`` Ray
+    Train workers, reporting to Tune."""
     resources = space.resources
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
     trainer = TrainerWithoutDatasets(
         train_worker,
-        train_loop_config={"train": to_dict(train_cfg), "picture": picture},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(

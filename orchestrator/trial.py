@@ -111,13 +111,12 @@ def run_trial(config: dict, *, space: SweepSpace, setup: TrialSetup, rows: dict[
     ``tune.with_parameters``. One worker: train here. Several: a TorchTrainer with a deterministic run name
     per trial, so that a restored sweep finds the run and its checkpoints."""
     train_cfg = trial_train_config(config, space=space, setup=setup, rows=rows)
+    loop_config = {"train": to_dict(train_cfg), "picture": setup.picture}  # train_and_report's, on either path
     if not space.resources.worker_group:
         torch.set_num_threads(max(1, int(space.resources.cpus_per_worker)))  # the cores Tune reserved for it
-        train_and_report({"train": to_dict(train_cfg), "picture": setup.picture},
-                         newest_stored_checkpoint() or ray.tune.get_checkpoint(),
-                         ray.tune.report, checkpoint_class=ray.tune.Checkpoint)
+        train_and_report(loop_config, newest_stored_checkpoint() or ray.tune.get_checkpoint(), ray.tune.report,
+                         checkpoint_class=ray.tune.Checkpoint)
         return
     from orchestrator.ddp_trial import fit_on_worker_group  # Ray Train: imported only by multi-worker trials
 
-    fit_on_worker_group(train_cfg, space=space, train_storage=setup.train_storage, env_vars=setup.env_vars,
-                        picture=setup.picture)
+    fit_on_worker_group(loop_config, space=space, train_storage=setup.train_storage, env_vars=setup.env_vars)
