@@ -21,6 +21,7 @@ from orchestrator.grid import Row
 from orchestrator.space import SweepSpace
 from orchestrator.trial import TrialSetup, trial_train_config
 from orchestrator.trial_training import PICTURE_PNG
+from orchestrator.wandb_logging import WandbLoggingActor
 
 WANDB_UPLOAD_TIMEOUT_S = 30  # Ray's default of 1800 s kept an interrupted sweep waiting for minutes
 PREVIOUS_ITEM_WAIT_S = 60  # the longest a W&B item waits for the one before it (see _SendOnlyQueue)
@@ -91,6 +92,8 @@ class DMKDWandbCallback(WandbLoggerCallback):
     readable name, tags per method, row and seed; at the full budget, Δ AP against the undistilled
     student of the same seed (when the reference is known); the attention/mask PNG that the trial's
     last checkpoint holds (local storage only)."""
+
+    _logger_actor_cls = WandbLoggingActor  # Ray's actor, made to wait until W&B has written the run
 
     def __init__(self, *args, space: SweepSpace, setup: TrialSetup, reference_file: Path | None,
                  rows: dict[str, Row] | None = None, **kwargs):
