@@ -1,1 +1,2 @@
-"""The Ray layer: Ray Tune sweeps whose trials are Ray Train DDP runs of ``dmkd.train``."""
+"""The Ray layer: Ray Tune sweeps and ablations whose trials train ``dmkd.engine.fit``, in the Tune trial's
+own process (one worker) or in a Ray Train DDP worker group (several)."""
