@@ -1,4 +1,5 @@
-"""Run a DMKD hyperparameter sweep: Ray Tune trials of Ray Train DDP runs, Optuna search, ASHA, W&B.
+"""Run a DMKD hyperparameter sweep: Ray Tune trials (one worker trains in its trial, several as a Ray Train
+DDP run), Optuna search, ASHA, W&B.
 
     python -m orchestrator.sweep                       # search_spaces/default.yaml on a local Ray
     python -m orchestrator.sweep --space search_spaces/retinanet_r50_r18_coco.yaml \\
