@@ -137,6 +137,9 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     data = read_yaml(path, "ablation grid")
     allowed = {"name", "base", "set", "seeds", "rows", "tune"}
     unknown = sorted(set(data) - allowed)
+    if unknown and "rows" not in data and {"pair", "search", "budget", "method"} & set(data):
+        raise UserError(f"{path}: a search space (it has no rows), not an ablation grid: run it with "
+                        f"python -m orchestrator.sweep --space {path}, or name it as a grid's base")
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
     base = path.parent / str(data.get("base", "default.yaml"))

@@ -249,6 +249,9 @@ def check_files(space: SweepSpace, path: Path) -> None:
 def load_space(path: str | Path | None = None, overrides: Sequence[tuple[str, Any]] = ()) -> SweepSpace:
     path = Path(path) if path else DEFAULT_SPACE
     data = read_yaml(path, "search space")
+    if "rows" in data:
+        raise UserError(f"{path}: an ablation grid (it has rows), not a search space: "
+                        f"run it with python -m orchestrator.ablate --grid {path}")
     for dotted, value in overrides:
         set_value(data, dotted, value)
     search = data.pop("search", {}) or {}
@@ -258,5 +261,5 @@ def load_space(path: str | Path | None = None, overrides: Sequence[tuple[str, An
         space = from_dict(SweepSpace, data, where="")
         params = {name: from_dict(Param, spec, where=f".search.{name}") for name, spec in search.items()}
     except UserError as error:
-        raise UserError(f"{path}: {str(error).lstrip('.')}") from None
+        raise UserError(f"{path}: {str(error).lstrip('.').removeprefix(': ')}") from None
     return validate(dataclasses.replace(space, search=params), path)

@@ -3,6 +3,7 @@ checked against the stored trial results."""
 import csv
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from orchestrator.reference import ensure_references, reference_folder
 from orchestrator.report.ablation import ablation_markdown, ablation_table, pairing_check
 from orchestrator.report.records import TRIAL_FOLDER, StoredTrial
 from orchestrator.report.stats import holm, paired_difference, summarize
+from orchestrator.space_file import load_space
 from orchestrator.trial import TrialSetup
 from orchestrator.trial_training import PICTURE_PNG
 from tests.helpers import ROOT, TINY, command_env, run_module, tiny_teacher
@@ -115,6 +117,14 @@ def test_bad_grids_name_file_and_key(tmp_path):
         load_grid(path)
     with pytest.raises(UserError, match="--from-sweep: .*best.json: not found"):
         load_grid(from_sweep=str(tmp_path))
+
+
+def test_a_space_and_a_grid_given_to_the_wrong_command_say_which_command_runs_them():
+    space, grid = ROOT / "search_spaces" / "default.yaml", ROOT / "search_spaces" / "methods.yaml"
+    with pytest.raises(UserError, match=rf"^{re.escape(str(space))}: a search space .*orchestrator\.sweep --space "):
+        load_grid(space)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(grid))}: an ablation grid .*orchestrator\.ablate --grid "):
+        load_space(grid)
 
 
 def _trial(row, seed, ap=None, error=None, init=7):

@@ -144,6 +144,7 @@ def test_bad_spaces_are_one_line_errors_naming_file_and_key(tmp_path, case):
         load_space(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+    assert not message.startswith(f"{path}: :")  # a top-level key has no field path before it
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):
