@@ -5,7 +5,7 @@ starts. Every problem is a one-line ``UserError`` naming the file, the key and w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +263,14 @@ def load_space(path: str | Path | None = None, overrides: Sequence[tuple[str, An
     except UserError as error:
         raise UserError(f"{path}: {str(error).lstrip('.').removeprefix(': ')}") from None
     return validate(dataclasses.replace(space, search=params), path)
+
+
+def blame_command_line(error: UserError, load_file_alone: Callable[[], object]) -> UserError:
+    """``error`` came from loading a file with values given on the command line (``--set`` and the like).
+    When the file alone loads, those values are what is wrong, and the message says so instead of
+    leaving the user to look for them in the file."""
+    try:
+        load_file_alone()
+    except UserError:
+        return error
+    return UserError(f"{error} (a value given on the command line, not in the file)")

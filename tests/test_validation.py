@@ -111,6 +111,20 @@ def test_corrupt_experiment_records(tmp_path, capsys):
     _one_line(capsys, "best.json: not valid JSON")
 
 
+def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_file(tmp_path, capsys):
+    storage = ["--storage", str(tmp_path / "exp"), "--dry-run"]
+    assert sweep.main(["--set", "budget.epochs=abc", *storage]) == 2
+    _one_line(capsys, "default.yaml: budget.epochs: must be an integer, but got 'abc' (a value given on the command line")
+    assert ablate.main(["--seeds", "0", *storage]) == 2
+    _one_line(capsys, "seeds: must be a positive integer, but got 0 (a value given on the command line")
+    bad_file = tmp_path / "space.yaml"
+    bad_file.write_text("name: x\nbogus: 1\n")
+    assert sweep.main(["--space", str(bad_file), "--num-samples", "2", *storage]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'bogus'" in err and "command line" not in err  # the file's own fault stays the file's
+    assert not (tmp_path / "exp").exists()
+
+
 # class 3: what used to be accepted silently
 def test_silent_acceptance_is_an_error(tmp_path, small_coco, capsys):
     invalid = _coco_with(tmp_path, small_coco, lambda d: d["annotations"][0].update(bbox=[40, 40, 5, 5]))
