@@ -268,7 +268,9 @@ def load_space(path: str | Path | None = None, overrides: Sequence[tuple[str, An
 def blame_command_line(error: UserError, load_file_alone: Callable[[], object]) -> UserError:
     """``error`` came from loading a file with values given on the command line (``--set`` and the like).
     When the file alone loads, those values are what is wrong, and the message says so instead of
-    leaving the user to look for them in the file."""
+    leaving the user to look for them in the file (a message that names its option already says so)."""
+    if str(error).startswith("--"):
+        return error
     try:
         load_file_alone()
     except UserError:
