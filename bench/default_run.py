@@ -5,9 +5,9 @@ parts trained plainly, on one machine in one go.
     python bench/default_run.py [--work DIR]
 
 First the sweep runs from nothing (its own storage, W&B off); then the same parts run as plain
-``python -m dmkd.train`` processes: the teacher (its epochs), the reference (the student without
-distillation, the trials' budget) and each trial's configuration for the epochs the sweep ran it (ASHA's
-stopped trials included). Each phase's wall time is printed with its ratio, sweep over plain: the teacher
+``python -m dmkd.train`` processes: the teacher (its epochs; it generates its own copy of the data, as
+the sweep did), the reference (the student without distillation, the trials' budget) and each trial's
+configuration for the epochs the sweep ran it (ASHA's stopped trials included). Each phase's wall time is printed with its ratio, sweep over plain: the teacher
 and the reference from the sweep's start to their cache files, the trials from there to the sweep's end.
 Prints a JSON record with the machine and the commit.
 """
@@ -53,7 +53,8 @@ def sweep(work: Path, env: dict) -> dict:
 
 
 def plain(work: Path, env: dict, trials: list[dict]) -> dict:
-    data = str(work / "data" / "mini")  # the data the sweep generated
+    # a folder of its own: the plain teacher generates the data as the sweep did (both phases pay for it)
+    data = str(work / "plain-data" / "mini")
     teacher = _train(["--role", "teacher", "--data-dir", data, "--out", str(work / "plain-teacher")], env)
     checkpoint = str(work / "plain-teacher" / "checkpoint.pt")
     reference = _train(["--role", "student", "--data-dir", data, "--out", str(work / "plain-reference")], env)
