@@ -7,8 +7,9 @@ parts trained plainly, on one machine in one go.
 First the sweep runs from nothing (its own storage, W&B off); then the same parts run as plain
 ``python -m dmkd.train`` processes: the teacher (its epochs; it generates its own copy of the data, as
 the sweep did), the reference (the student without distillation, the trials' budget) and each trial's
-configuration for the epochs the sweep ran it (ASHA's stopped trials included). Each phase's wall time is printed with its ratio, sweep over plain: the teacher
-and the reference from the sweep's start to their cache files, the trials from there to the sweep's end.
+configuration for the epochs the sweep ran it (ASHA's stopped trials included). Each phase's wall time
+is printed with its ratio, sweep over plain: the teacher and the reference from the sweep's start to
+their cache files, the trials from there to the sweep's end.
 Prints a JSON record with the machine and the commit.
 """
 from __future__ import annotations

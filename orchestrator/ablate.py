@@ -25,11 +25,11 @@ import json
 
 from dmkd.config import parse_assignment
 from dmkd.distillers import search_space
-from dmkd.errors import UserError, exit_process, run_command
+from dmkd.errors import exit_process, run_command
 from dmkd.provenance import provenance
 from orchestrator.grid import load_grid, rows_record
 from orchestrator.space import describe
-from orchestrator.space_file import blame_command_line, check_files
+from orchestrator.space_file import check_files, load_blaming_command_line
 from orchestrator.storage import Storage, check_name
 from orchestrator.sweep import WANDB_MODES, resolve_wandb_mode
 
@@ -52,13 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         overrides = [parse_assignment(item, "--set") for item in args.set]
-        try:
-            grid = load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides,
-                             tune_trials=args.tune)
-        except UserError as error:
-            if not (overrides or args.seeds is not None or args.tune is not None or args.from_sweep):
-                raise
-            raise blame_command_line(error, lambda: load_grid(args.grid)) from None
+        grid = load_blaming_command_line(
+            lambda: load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides,
+                              tune_trials=args.tune),
+            lambda: load_grid(args.grid),
+            given=bool(overrides or args.seeds is not None or args.tune is not None or args.from_sweep))
         name = check_name(args.name or grid.name)
         storage = Storage.parse(args.storage)
         check_files(grid.space, grid.base)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -265,14 +265,21 @@ def load_space(path: str | Path | None = None, overrides: Sequence[tuple[str, An
     return validate(dataclasses.replace(space, search=params), path)
 
 
-def blame_command_line(error: UserError, load_file_alone: Callable[[], object]) -> UserError:
-    """``error`` came from loading a file with values given on the command line (``--set`` and the like).
-    When the file alone loads, those values are what is wrong, and the message says so instead of
-    leaving the user to look for them in the file (a message that names its option already says so)."""
-    if str(error).startswith("--"):
-        return error
+T = TypeVar("T")
+
+
+def load_blaming_command_line(load: Callable[[], T], load_file_alone: Callable[[], object], *, given: bool) -> T:
+    """``load()`` reads a file with values given on the command line (``given``: some were; ``--set`` and
+    the like). When it fails and the file alone loads, those values are what is wrong, and the message
+    says so instead of leaving the user to look for them in the file (a message that names its option
+    already says so)."""
     try:
-        load_file_alone()
-    except UserError:
-        return error
-    return UserError(f"{error} (a value given on the command line, not in the file)")
+        return load()
+    except UserError as error:
+        if not given or str(error).startswith("--"):
+            raise
+        try:
+            load_file_alone()
+        except UserError:
+            raise error from None
+        raise UserError(f"{error} (a value given on the command line, not in the file)") from None

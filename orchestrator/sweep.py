@@ -23,7 +23,7 @@ from dmkd.config import parse_assignment
 from dmkd.errors import UserError, exit_process, run_command
 from dmkd.provenance import provenance
 from orchestrator.space import DEFAULT_SPACE, SweepSpace, describe, paper_default_point
-from orchestrator.space_file import blame_command_line, check_files, load_space
+from orchestrator.space_file import check_files, load_blaming_command_line, load_space
 from orchestrator.storage import Storage, check_name
 
 WANDB_MODES = ("online", "offline", "off")
@@ -71,12 +71,8 @@ def resolve_space(args: argparse.Namespace) -> SweepSpace:
         overrides.append(("num_samples", args.num_samples))
     if args.max_concurrent is not None:
         overrides.append(("max_concurrent", args.max_concurrent))
-    try:
-        return load_space(args.space, overrides)
-    except UserError as error:
-        if not overrides:
-            raise
-        raise blame_command_line(error, lambda: load_space(args.space)) from None
+    return load_blaming_command_line(lambda: load_space(args.space, overrides), lambda: load_space(args.space),
+                                     given=bool(overrides))
 
 
 def plan(space: SweepSpace, name: str, storage: str, wandb_mode: str, address: str | None) -> dict:
