@@ -14,7 +14,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.util.queue import Queue
 
 from dmkd.config import TrainConfig, to_dict
-from dmkd.distillers import detector_family, method_settings, search_space
+from dmkd.distillers import detector_family, method_settings, reading_notes, search_space
 from dmkd.metrics import VAL_AP
 from dmkd.provenance import provenance
 from orchestrator.grid import Row
@@ -89,9 +89,10 @@ class _SendOnlyQueue(Queue):
 
 class DMKDWandbCallback(WandbLoggerCallback):
     """One W&B run per trial: the trial's full resolved config as flat keys (``flat_run_config``), a
-    readable name, tags per method, row and seed; at the full budget, Δ AP against the undistilled
-    student of the same seed (when the reference is known); the attention/mask PNG that the trial's
-    last checkpoint holds (local storage only)."""
+    readable name, tags per method, row and seed, the method's note in the run's notes when it is a
+    reading of its paper (DMKD's); at the full budget, Δ AP against the undistilled student of the same
+    seed (when the reference is known); the attention/mask PNG that the trial's last checkpoint holds
+    (local storage only)."""
 
     _logger_actor_cls = WandbLoggingActor  # Ray's actor, made to wait until W&B has written the run
 
@@ -113,7 +114,7 @@ class DMKDWandbCallback(WandbLoggerCallback):
         # resume=False, which starts the run with that id over)
         self.kwargs.update(tags=[cfg.method, f"variant:{row or cfg.method}", f"seed:{cfg.seed}"], name=run_name(cfg, row),
                            config=flat_run_config(cfg, space=self._space, row=row, versions=self._versions),
-                           resume="allow")
+                           notes=" ".join(reading_notes([cfg.method])) or None, resume="allow")
         super().log_trial_start(trial)
         self._trial_queues[trial].__class__ = _SendOnlyQueue  # same object and actor, a put that does not wait
 

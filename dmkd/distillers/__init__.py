@@ -13,6 +13,7 @@ config it comes from. A parameter a run leaves unset takes its family's publishe
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from functools import partial
 
 from torch import nn
@@ -104,6 +105,19 @@ def is_baseline(method: str) -> bool:
     the method under study; a joined method is a baseline only if all its parts are)."""
     check_method(method)
     return method != "none" and all(_module_attribute(part, "BASELINE", True) for part in parts(method))
+
+
+def reading_notes(methods: Iterable[str]) -> list[str]:
+    """The notes (a module's ``READING``) of every method among ``methods`` that is a reading of a paper
+    rather than its published code, each once: a report prints them wherever such a method is named."""
+    notes: list[str] = []
+    for method in methods:
+        check_method(method)
+        for part in parts(method):
+            note = _module_attribute(part, "READING")
+            if note and note not in notes:
+                notes.append(note)
+    return notes
 
 
 def picture_of(method: str):
@@ -232,5 +246,5 @@ def build_distiller(method: str, student_channels: int, teacher_channels: int, l
 
 __all__ = ["FAMILIES", "HEAD_METHODS", "METHODS", "SEARCH_SPACES", "Composite", "CrossKDLoss", "DistillContext", "DistillInputs",
            "DMKDLoss", "FGDLoss", "FitNetLoss", "HeadLevel", "MGDLoss", "MultiLevel", "PKDLoss", "build_distiller",
-           "Published", "check_method", "check_pair", "check_parameters", "detector_family", "is_baseline", "method_parameters",
+           "Published", "check_method", "check_pair", "check_parameters", "detector_family", "is_baseline", "method_parameters", "reading_notes",
            "method_settings", "needs_head", "parts", "picture_of", "published", "search_space"]

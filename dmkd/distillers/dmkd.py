@@ -25,6 +25,10 @@ from dmkd.distillers.attention import MASK_MODES, MASKED_SIDES, attention_mask, 
 from dmkd.distillers.base import DistillContext, Published, aligner, check_temperature, check_weight, generation_block
 
 BASELINE = False  # the method this project studies: the other distillers are its baselines in a table
+# what a report says wherever this method is named (a method reconstructed from less than its paper says so)
+READING = ("DMKD here is this project's reading of Dual Masked Knowledge Distillation (arXiv 2309.02719): its code "
+           "is not public and only its abstract could be read, so the masking rule, the fusion and the weights are "
+           "this project's choices (docs/dmkd-method.md in the repository says which).")
 BRANCHES = ("spatial", "channel")
 FUSIONS = ("learned", "fixed")
 CHANNEL_MASKS = ("after_align", "before_align")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import wandb
 
+from dmkd.distillers import reading_notes
 from dmkd.io import atomic_write, atomic_write_json, read_json
 from dmkd.metrics import COCO_FIGURES
 from orchestrator.report.ablation import ablation_section
@@ -29,6 +30,9 @@ def write_report(experiment: str | Path, out: str | Path | None = None) -> Path:
     lines = [f"# {found.kind.title()} report: {folder.name}", "",
              f"Pair: `{found.space['pair_name']}`; {len(trials)} trials; {found.budget} epochs per trial; "
              f"git {found.record.get('git_commit')}.", ""]
+    if found.kind == "sweep":
+        lines += [f"Method: `{found.space['method']}`.", ""]
+    lines += [note for reading in reading_notes(found.methods) for note in (reading, "")]
     section = (ablation_section if found.kind == "ablation" else sweep_section)(found, trials, teacher, report, out)
     pair = pair_comparison(folder, found.space, teacher, section.baseline_AP, section.best_distilled_AP, section.split)
     report["pair"] = pair

@@ -136,6 +136,13 @@ class ExperimentRecord:
     def budget(self) -> int:
         return self.space["budget"]["epochs"]
 
+    @property
+    def methods(self) -> list[str]:
+        """The methods the experiment trained: a sweep's, or each row's of an ablation."""
+        if self.kind == "ablation":
+            return sorted({row["method"] for row in self.record.get("rows", {}).values()})
+        return [self.space["method"]]
+
 
 def read_record(experiment: Path) -> ExperimentRecord:
     """The experiment's kind and record, checked; a folder that is not an experiment is a one-line error."""

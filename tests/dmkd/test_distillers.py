@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dmkd import DMKDLoss, attention_mask, channel_attention, spatial_attention
-from dmkd.distillers import build_distiller, method_parameters
+from dmkd.distillers import build_distiller, method_parameters, reading_notes
 from dmkd.distillers.fgd import foreground_background_masks
 from dmkd.distillers.mgd import MGDLoss
 from dmkd.errors import UserError
@@ -146,6 +146,12 @@ def test_dmkd_variants():
         DMKDLoss(4, 4, branches=("depth",))
     with pytest.raises(ValueError, match="mask_mode"):
         DMKDLoss(4, 4, mask_mode="random")
+
+
+def test_every_dmkd_variant_and_join_carries_the_note_that_it_is_a_reading_and_the_baselines_none():
+    (note,) = reading_notes(["dmkd_spatial", "dmkd+crosskd", "mgd", "dmkd"])  # said once, whichever variants
+    assert "reading" in note and "2309.02719" in note
+    assert reading_notes(["none", "fitnet", "mgd", "fgd", "pkd", "crosskd", "mgd+crosskd"]) == []
 
 
 def test_mgd_mask_ratio_matches_lambda_in_expectation():

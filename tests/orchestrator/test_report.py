@@ -273,6 +273,7 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     assert "| teacher |" in markdown and "| none | none |" in markdown and "2 trials x 1 ep" in markdown
     assert "Reported seeds: 0, 1. Tuning trained at seed 1000" in markdown and "random search (TPE start-up of 2)" in markdown
     assert "Holm" in markdown and "(n=2)" in markdown
+    assert markdown.count("this project's reading of Dual Masked") == 1  # a row is DMKD: the report says what it is
     for row in ("mgd", "dmkd"):  # the distillation loss against the detector's at step 0, from the reported seeds
         ratios = [stored[(row, seed)][0]["loss_ratio/step0"] for seed in (0, 1)]
         assert table[row]["loss_ratio_step0"]["mean"] == pytest.approx(statistics.fmean(ratios)) and min(ratios) > 0
@@ -346,6 +347,7 @@ def test_sweep_report_reads_stopped_trials_at_one_epoch(tmp_path, monkeypatch):
     markdown = (experiment / "report.md").read_text()
     assert "epoch 1 (stopped 5 trials): Spearman 1.00 over 5 completed trials" in markdown
     assert "| at epoch |" in markdown and (experiment / "param_scatter.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Method: `dmkd`." in markdown and "this project's reading of Dual Masked" in markdown
 
 
 @pytest.mark.ray

@@ -12,7 +12,7 @@ from tests.helpers import study as _study
 from tests.helpers import sweep_command as _command
 from tests.helpers import tiny_space as _space
 from tests.helpers import tune_results as _tune_results
-from tests.helpers import wandb_summary
+from tests.helpers import wandb_run_record, wandb_summary
 
 pytestmark = pytest.mark.ray
 
@@ -78,6 +78,7 @@ def test_small_sweep_records_every_trial_everywhere(tmp_path, mini_data):
         assert config["train.epochs"] == 2 and config["git_commit"] and config["version.ray"]
         assert summary["name"] == f"dmkd alpha={history[0]['config']['alpha']:.3g} seed 0"
         assert "val/delta_AP" not in summary["summary"]  # no reference row in this space (test_multinode has one)
+        assert "this project's reading of Dual Masked" in wandb_run_record(run_dir, tmp_path)["notes"]
         # DMKD's picture, drawn by rank 0 after the last epoch (not by a trial ASHA stopped before it)
         logged = [p.name for p in (run_dir / "files" / "media" / "images").glob("*.png")]
         assert [n.startswith("attention_") for n in logged] == ([True] if history[-1]["epoch"] == 2 else [])
