@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (it must exist)")
     distill = parser.add_argument_group("distillation")
     distill.add_argument("--method", help=f"distillation method, one of: {', '.join([*METHODS, *HEAD_METHODS])}, or a feature "
-                         f"and a head method joined by '+' (dmkd+crosskd) (default: none)")
+                         f"and a head method joined by '+' (dmkd+crosskd) (default: none); dmkd* is this project's reading "
+                         f"of DMKD, whose code is not public (docs/dmkd-method.md)")
     distill.add_argument("--teacher-checkpoint", help="local teacher checkpoint (e.g. runs/teacher/checkpoint.pt)")
     distill.add_argument("--teacher-arch", help=f"one of: {', '.join(ARCHITECTURES)} (default: fcos)")
     distill.add_argument("--teacher-backbone", help=f"one of: {', '.join(BACKBONES)} (default: resnet18)")
