@@ -137,7 +137,7 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     data = read_yaml(path, "ablation grid")
     allowed = {"name", "base", "set", "seeds", "rows", "tune"}
     unknown = sorted(set(data) - allowed)
-    if unknown and "rows" not in data and {"pair", "search", "budget", "method"} & set(data):
+    if unknown and "rows" not in data and set(unknown) <= {f.name for f in dataclasses.fields(SweepSpace)}:
         raise UserError(f"{path}: a search space (it has no rows), not an ablation grid: run it with "
                         f"python -m orchestrator.sweep --space {path}, or name it as a grid's base")
     if unknown:
