@@ -23,6 +23,7 @@ from dmkd.config import MINI_STUDENT, MINI_TEACHER, DataPaths, TrainConfig, pars
 from dmkd.distillers import HEAD_METHODS, METHODS
 from dmkd.engine import fit
 from dmkd.errors import UserError, exit_process, run_command
+from dmkd.metrics import read_metrics
 from dmkd.models import ARCHITECTURES, BACKBONES, TORCHVISION_DETECTORS, TORCHVISION_FIXED, DetectorConfig
 from dmkd.step import NonFiniteLossError
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DataLoader worker processes (default: 0, load in the training process)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (it must exist)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run even when OUT holds one (its files are replaced as the new run writes its "
+                             "own); without it, a run in OUT is never replaced")
     distill = parser.add_argument_group("distillation")
     distill.add_argument("--method", help=f"distillation method, one of: {', '.join([*METHODS, *HEAD_METHODS])}, or a feature "
                          f"and a head method joined by '+' (dmkd+crosskd) (default: none); dmkd* is this project's reading "
@@ -126,15 +130,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict({**values, "detector": detector}, where="arguments")
 
 
+def _check_out(cfg: TrainConfig, *, overwrite: bool) -> None:
+    """``--resume`` needs a run in ``--out``; a new run never replaces one there unless told to
+    (``--overwrite``): a second command with the same (or the default) folder would lose the first."""
+    checkpoint = Path(cfg.out) / CHECKPOINT_NAME
+    if cfg.resume and overwrite:
+        raise UserError("--resume and --overwrite: choose one (continue the run in --out, or start it over)")
+    if cfg.resume and not checkpoint.is_file():
+        raise UserError(f"--resume: {checkpoint}: not found (nothing to continue; leave out --resume to start a new run)")
+    if not cfg.resume and not overwrite and checkpoint.is_file():
+        raise UserError(f"--out {cfg.out}: holds a run already ({_epochs_done(cfg.out)}{checkpoint}); --resume "
+                        f"continues it, --overwrite starts over in its place, or give another --out")
+
+
+def _epochs_done(out: str) -> str:
+    try:
+        epochs = read_metrics(out)["epochs"]
+        return f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''} in "
+    except (UserError, KeyError, TypeError):  # no metrics.json (yet), or not ours: the checkpoint alone is named
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
         cfg = config_from_args(args)
         cfg.validate()
-        if cfg.resume and not (Path(cfg.out) / CHECKPOINT_NAME).is_file():
-            raise UserError(f"--resume: {Path(cfg.out) / CHECKPOINT_NAME}: not found (nothing to continue; "
-                            f"leave out --resume to start a new run)")
+        _check_out(cfg, overwrite=args.overwrite)
         joined = dist_utils.join_torchrun_group(cfg.device)  # under torchrun: one process per device
         main_rank = dist_utils.is_main()
         try:

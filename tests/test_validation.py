@@ -78,6 +78,18 @@ def test_bad_numbers_and_checkpoints(tmp_path, small_coco, capsys):
     assert not any((tmp_path / name).exists() for name in ("a", "b", "d"))
 
 
+def test_a_run_in_out_is_never_replaced_by_accident(tmp_path, small_coco, capsys):
+    out, before = _finished_run(tmp_path, small_coco, capsys)
+    assert cli.main(_train_args(small_coco, out, "--seed", "1")) == 2  # the same folder again, by mistake
+    _one_line(capsys, f"--out {out}: holds a run already (1 epoch in {out / 'checkpoint.pt'}); --resume continues it")
+    assert cli.main(_train_args(small_coco, out, "--resume", "--overwrite")) == 2
+    _one_line(capsys, "--resume and --overwrite: choose one")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert cli.main(_train_args(small_coco, out, "--seed", "1", "--overwrite")) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
+    assert (out / "checkpoint.pt").read_bytes() != before["checkpoint.pt"]
+
+
 def test_existing_files_where_folders_belong(tmp_path, small_coco, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -147,6 +159,7 @@ def test_silent_acceptance_is_an_error(tmp_path, small_coco, capsys):
 
 # class 4: nothing of a finished run is overwritten by a run that then fails validation
 def test_a_failing_rerun_leaves_the_finished_run_alone(tmp_path, small_coco, capsys):
+    """A rerun told to start over (``--overwrite``) that fails replaces nothing of the run before it."""
     out = tmp_path / "run"
     assert cli.main(_train_args(small_coco, out)) == 0
     capsys.readouterr()
@@ -156,10 +169,10 @@ def test_a_failing_rerun_leaves_the_finished_run_alone(tmp_path, small_coco, cap
     teacher = tmp_path / "teacher.pt"
     torch.save({"model": build_detector(DetectorConfig(num_classes=2, image_size=64)).state_dict()}, teacher)
     assert cli.main(_train_args(small_coco, out, "--method", "dmkd", "--teacher-checkpoint", str(teacher),
-                                  "--teacher-backbone", "resnet18", "--distill", "alpah=1e-5")) == 2
+                                  "--teacher-backbone", "resnet18", "--distill", "alpah=1e-5", "--overwrite")) == 2
     _one_line(capsys, "distill.alpah: not a parameter of method 'dmkd'")
     missing = _coco_with(tmp_path, small_coco, lambda d: d["images"].append({"id": 2, "file_name": "gone.png"}))
-    assert cli.main(_train_args(small_coco, out, "--val-ann", missing)) == 2
+    assert cli.main(_train_args(small_coco, out, "--val-ann", missing, "--overwrite")) == 2
     _one_line(capsys, "gone.png: image file not found (1 of the 2 images")
     assert {name: (out / name).read_bytes() for name in before} == before
 
@@ -267,16 +280,16 @@ def test_a_run_that_stops_at_its_first_step_writes_nothing(tmp_path, small_coco,
     images.mkdir()
     png = small_coco[1] / "a.png"
     (images / "a.png").write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])  # cut mid-way
-    assert cli.main(_train_args((small_coco[0], images), out)) == 2
+    assert cli.main(_train_args((small_coco[0], images), out, "--overwrite")) == 2
     _one_line(capsys, f"{images / 'a.png'}: cannot decode image")
-    assert cli.main(_train_args(small_coco, out, "--batch-size", "4")) == 2
+    assert cli.main(_train_args(small_coco, out, "--batch-size", "4", "--overwrite")) == 2
     _one_line(capsys, "batch_size: 4 per rank x 1 ranks is more than the 1 training images")
     from dmkd.models import DetectorConfig, build_detector
 
     teacher = tmp_path / "teacher.pt"
     torch.save({"model": build_detector(DetectorConfig(num_classes=2, image_size=64)).state_dict()}, teacher)
     assert cli.main(_train_args(small_coco, out, "--method", "fitnet", "--teacher-checkpoint", str(teacher),
-                                "--teacher-backbone", "resnet18", "--distill", "weight=1e308")) == 2
+                                "--teacher-backbone", "resnet18", "--distill", "weight=1e308", "--overwrite")) == 2
     _one_line(capsys, "loss became inf at step 0")
     assert {name: (out / name).read_bytes() for name in before} == before
     fresh = tmp_path / "fresh"
