@@ -14,7 +14,8 @@ is never one of the reported seeds, and never evaluates the test split: a report
 run that won the selection. Each row's sampler has its own seed (from the grid's seed and the row's
 name), so rows do not share their random points.
 
-Re-running with the same --name continues an interrupted ablation. The report
+Re-running the same command continues an interrupted ablation; the same --name with other rows, seeds,
+tuning or base stops before anything starts. The report
 (``python -m orchestrator.report``) is written at the end.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dmkd.config import parse_assignment
 from dmkd.distillers import search_space
 from dmkd.errors import exit_process, run_command
 from dmkd.provenance import provenance
+from orchestrator.continuing import SETTINGS, check_continues
 from orchestrator.grid import load_grid, rows_record
 from orchestrator.space import describe
 from orchestrator.space_file import check_files, load_blaming_command_line
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows_record(grid.rows), "seeds": grid.seeds, "trials": len(grid.rows) * len(grid.seeds),
                 "epochs_per_trial": grid.space.budget.epochs, "tune": dataclasses.asdict(grid.tune),
                 "tuning_trials": tuned, "tuning_seed": grid.tune.seed if tuned else None, "wandb": wandb_mode}
+        settings = {"space": {key: value for key, value in describe(grid.space).items() if key != "name"},
+                    "rows": plan["rows"], "seeds": grid.seeds, "tune": plan["tune"]}
+        if storage.local:
+            check_continues(storage.folder(name) / "ablation.json", settings, command="python -m orchestrator.ablate")
         if args.dry_run:
             print(json.dumps(plan, indent=2))
             return 0
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = run_ablation(grid, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,
                                record={"plan": plan, "space": describe(grid.space), "rows": rows_record(grid.rows),
-                                       "seeds": grid.seeds, **provenance()})
+                                       "seeds": grid.seeds, SETTINGS: settings, **provenance()})
         return 0 if summary["failed"] == 0 else 1
 
     return run_command(run, interrupted="rerun the same command to continue")

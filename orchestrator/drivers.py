@@ -180,6 +180,9 @@ def run_ablation(grid: Grid, *, name: str, storage: Storage, wandb_mode: str, ad
     distills = any(row.method != "none" for row in grid.rows.values())
     with open_experiment(grid.space, name=name, storage=storage, wandb_mode=wandb_mode, address=address,
                          distills=distills, reference_seeds=grid.seeds) as opened:
+        if opened.local:  # before tuning too: a continued ablation is checked against its settings from here on
+            atomic_write_json(opened.folder / "ablation.json", {**record, "teacher_checkpoint": opened.teacher,
+                                                                "data": opened.paths.as_dict()})
         rows, tuning = tune_rows(grid, opened, wandb_mode=wandb_mode)
         distilled = {row_name: row for row_name, row in rows.items() if row.method != "none"}
         if opened.local:

@@ -5,7 +5,8 @@ DDP run), Optuna search, ASHA, W&B.
     python -m orchestrator.sweep --space search_spaces/retinanet_r50_r18_coco.yaml \\
         --storage /shared/experiments --address auto --wandb online
 
-Re-running with the same --name (or --resume) continues an interrupted sweep. The experiment folder
+Re-running the same command (or adding --resume) continues an interrupted sweep; the same --name with
+other settings stops before anything starts. The experiment folder
 (STORAGE/NAME) holds Tune's state, the Optuna study (optuna.db), the W&B offline runs (wandb/),
 results.csv, best.json and the resolved space.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from dmkd.config import parse_assignment
 from dmkd.errors import UserError, exit_process, run_command
 from dmkd.provenance import provenance
+from orchestrator.continuing import SETTINGS, check_continues
 from orchestrator.space import DEFAULT_SPACE, SweepSpace, describe, paper_default_point
 from orchestrator.space_file import check_files, load_blaming_command_line, load_space
 from orchestrator.storage import Storage, check_name
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         check_files(space, Path(args.space) if args.space else DEFAULT_SPACE)
         if args.resume and storage.local and not (storage.folder(name) / TUNER_STATE).is_file():
             raise UserError(f"--resume: no sweep to continue at {storage.uri(name)}")
+        settings = {key: value for key, value in describe(space).items() if key != "name"}  # --name decides the name
+        if storage.local:
+            check_continues(storage.folder(name) / "sweep.json", settings, command="python -m orchestrator.sweep")
         wandb_mode = resolve_wandb_mode(args.wandb)
         the_plan = plan(space, name, storage.uri(), wandb_mode, args.address)
         if args.dry_run:
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.drivers import run_sweep  # Ray, Tune and W&B: not needed for --dry-run
 
         summary = run_sweep(space, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,
-                            resume=args.resume, record={"plan": the_plan, "space": describe(space), **provenance()})
+                            resume=args.resume, record={"plan": the_plan, "space": describe(space), SETTINGS: settings, **provenance()})
         return 0 if summary.get("completed") else 1
 
     return run_command(run, interrupted="rerun the same command (or add --resume) to continue")

@@ -15,6 +15,7 @@ from dmkd.config import TrainConfig
 from dmkd.train import ROLE_DEFAULTS
 from orchestrator import ablate, sweep
 from orchestrator.report import __main__ as report
+from orchestrator.space_file import load_space
 
 
 def _train_args(coco, out, *extra):
@@ -135,6 +136,28 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_file(tmp_p
     err = capsys.readouterr().err
     assert "unknown key 'bogus'" in err and "command line" not in err  # the file's own fault stays the file's
     assert not (tmp_path / "exp").exists()
+
+
+def test_the_same_name_with_other_settings_stops_before_anything_starts(tmp_path, capsys):
+    """The record a sweep wrote when it started (the real sweeps of tests/orchestrator continue theirs)."""
+    from orchestrator.space import describe
+
+    experiment = tmp_path / "default"
+    experiment.mkdir()
+    args = ["--storage", str(tmp_path), "--dry-run"]
+    (experiment / "sweep.json").write_text(json.dumps({"space": {}}))  # written before settings were kept
+    assert sweep.main(args) == 0
+    started = load_space(None, [("budget.epochs", 5), ("fixed.lr", 0.001), ("num_samples", 8), ("seed", 3)])
+    settings = {k: v for k, v in describe(started).items() if k != "name"}
+    (experiment / "sweep.json").write_text(json.dumps({"space": {}, "settings": settings}))
+    capsys.readouterr()
+    assert sweep.main(args) == 2
+    _one_line(capsys, f"{experiment / 'sweep.json'}: this experiment started with other settings: budget.epochs 5 "
+                      f"(now 3), fixed.lr 0.001 (now 0.002), num_samples 8 (now 4) and 1 more; python -m "
+                      f"orchestrator.sweep with the same file and values continues it")
+    assert sweep.main([*args, "--set", "budget.epochs=5", "--set", "fixed.lr=0.001", "--num-samples", "8",
+                       "--set", "seed=3"]) == 0
+    assert sweep.main([*args, "--name", "another"]) == 0
 
 
 # class 3: what used to be accepted silently

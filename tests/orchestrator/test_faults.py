@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator import sweep
 from tests.helpers import command_env, study, sweep_command, tiny_space, tune_results, wandb_run_record, wandb_summary
 
 pytestmark = pytest.mark.ray
@@ -102,7 +103,7 @@ def _checkpointed_epochs(experiment: Path) -> dict[str, int]:
     return found
 
 
-def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_trials(tmp_path, mini_data):
+def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_trials(tmp_path, mini_data, capsys):
     """Two trials, one at a time: Ctrl-C during the first, rerun; the driver killed during the second,
     rerun with --resume. Nothing finished is trained again and nothing started starts from scratch."""
     epochs = 3
@@ -181,6 +182,13 @@ def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_
     before = wandb_summary(first, tmp_path)
     assert before["state"] == "finished" and before["summary"]["epoch"] >= at_ctrl_c[trial_id], before
     assert wandb_run_record(resumed, tmp_path)["resume"] is True  # Ray's default would start the run over
+
+    # the same name with another setting stops before anything starts (Tune would restore the search as
+    # it was while the trials still to run trained with the new setting); --dry-run checks it the same way
+    assert sweep.main([*sweep_command(space, storage)[3:], "--set", f"budget.epochs={epochs + 1}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{experiment / 'sweep.json'}: this experiment started with other settings: budget.epochs " \
+        f"{epochs} (now {epochs + 1});" in err[0], err
 
 
 def test_a_nan_trial_fails_with_its_reason_after_the_configured_retries(tmp_path, mini_data):

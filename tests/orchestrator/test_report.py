@@ -15,6 +15,7 @@ import yaml
 
 from dmkd.distillers import SEARCH_SPACES
 from dmkd.errors import UserError
+from orchestrator import ablate
 from orchestrator.experiment import data_paths
 from orchestrator.grid import load_grid
 from orchestrator.reference import ensure_references, reference_folder
@@ -185,7 +186,7 @@ def _stored(experiment: Path) -> dict:
 
 
 @pytest.mark.ray
-def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_data):
+def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_data, capsys):
     run, experiment, env = _ablation(tmp_path, mini_data, {
         "seeds": 2, "tune": {"trials": 2, "epochs": 1},
         "rows": {"mgd": {"method": "mgd"}, "dmkd": {"method": "dmkd", "params": {"alpha": 3e-6}}}})
@@ -307,6 +308,16 @@ def test_tuned_ablation_with_reference_row_and_paired_statistics(tmp_path, mini_
     by_hand = statistics.fmean(test_ap["dmkd"][s] - test_ap["none"][s] for s in (0, 1))
     assert float(rows[2]["delta_AP"]) == pytest.approx(by_hand, abs=1e-12)
     assert float(rows[2]["delta_AP_n"]) == 2 and float(rows[2]["delta_AP_p_holm"]) >= float(rows[2]["delta_AP_p"])
+
+    # continuing the ablation under its name needs the settings it started with (in this process, and
+    # --dry-run: the check comes before anything starts): the same command passes, another seed count stops
+    same = ["--grid", str(tmp_path / "abl.yaml"), "--storage", str(tmp_path / "exp"), "--dry-run"]
+    assert ablate.main(same) == 0
+    capsys.readouterr()
+    assert ablate.main([*same, "--seeds", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{experiment / 'ablation.json'}: this experiment started with other settings: seeds [0, 1] " \
+        "(now [0, 1, 2]);" in err[0], err
 
 
 def test_sweep_report_reads_stopped_trials_at_one_epoch(tmp_path, monkeypatch):
