@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs
 import ray.tune
 import torch
+from ray.tune.result import EXPR_RESULT_FILE
 
 from dmkd.checkpoint import CHECKPOINT_NAME
 from dmkd.config import DataPaths, TrainConfig, to_dict
@@ -82,6 +83,24 @@ def newest_stored_checkpoint() -> ray.tune.Checkpoint | None:
     return ray.tune.Checkpoint(newest, filesystem=fs) if newest else None
 
 
+def recorded_epochs() -> set[int]:
+    """The epochs the driver recorded for this trial: those of Tune's ``result.json`` in the trial's
+    folder (a line cut short by a kill is skipped; no file, none)."""
+    storage = ray.tune.get_context().get_storage()
+    try:
+        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/{EXPR_RESULT_FILE}") as handle:
+            lines = handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return set()
+    epochs = set()
+    for line in lines:
+        try:
+            epochs.add(int(json.loads(line)["epoch"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return epochs
+
+
 def stored_epoch(fs: pyarrow.fs.FileSystem, folder: str) -> int | None:
     """The epoch the checkpoint folder ``folder`` holds, or None where it is not whole: ``metrics.json``
     unreadable, or ``checkpoint.pt`` cut short (Ray copies a reported folder file by file, so a process
@@ -115,7 +134,7 @@ def run_trial(config: dict, *, space: SweepSpace, setup: TrialSetup, rows: dict[
     if not space.resources.worker_group:
         torch.set_num_threads(max(1, int(space.resources.cpus_per_worker)))  # the cores Tune reserved for it
         train_and_report(loop_config, newest_stored_checkpoint() or ray.tune.get_checkpoint(), ray.tune.report,
-                         checkpoint_class=ray.tune.Checkpoint)
+                         checkpoint_class=ray.tune.Checkpoint, recorded_epochs=recorded_epochs)
         return
     from orchestrator.ddp_trial import fit_on_worker_group  # Ray Train: imported only by multi-worker trials
 

@@ -38,36 +38,57 @@ def _draw_picture(cfg: TrainConfig, data: Data, teacher, folder: Path) -> None:
 
 
 def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint | None, report: Callable,
-                     rank: int = 0, *, checkpoint_class: type[TrainCheckpoint | TuneCheckpoint] = TrainCheckpoint) -> None:
+                     rank: int = 0, *, checkpoint_class: type[TrainCheckpoint | TuneCheckpoint] = TrainCheckpoint,
+                     recorded_epochs: Callable[[], set[int]] | None = None) -> None:
     """Train ``config["train"]`` (a TrainConfig as a dict) from ``checkpoint`` (the last one reported, when
     a trial is restarted or a sweep restored), calling ``report(metrics, checkpoint=...)`` after every epoch:
     ``ray.tune.report`` in a one-worker trial, ``ray.train.report`` on every rank of a Train worker group.
     ``checkpoint_class`` is the Checkpoint that ``report`` takes (Tune's and Train's are two classes).
-    With ``config["picture"]`` the last epoch's checkpoint holds the method's picture (for W&B)."""
+    With ``config["picture"]`` the last epoch's checkpoint holds the method's picture (for W&B).
+
+    A checkpoint of the last epoch means the trial trained to its end before; when ``recorded_epochs()``
+    (the epochs the driver recorded for it) lacks that epoch, the driver stopped between storing the
+    checkpoint and recording its report, and the report is made again from the checkpoint: with nothing
+    reported, Tune would end the trial at the epoch before, unfinished for good."""
     started = time.time()
     picture = config["picture"]  # read first: a caller that leaves it out fails before training, not after
     local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
     cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
-    resume_from, resumed_epoch, best = None, 0, []
+    resume_from, resumed_epoch, best, final = None, 0, [], {}
     if checkpoint is not None:  # continue from the last epoch
         with checkpoint.as_directory() as folder:
             if (Path(folder) / CHECKPOINT_NAME).is_file():
-                resume_from = local.with_name(local.name + "-resume.pt")  # beside, not inside, the checkpoint folder
-                shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
                 recorded = read_metrics(folder)
-                resumed_epoch = recorded["final"]["epoch"]
+                resumed_epoch, final = recorded["final"]["epoch"], recorded["final"]
                 best = [e[VAL_AP] for e in recorded["epochs"] if VAL_AP in e]
+                if resumed_epoch >= cfg.epochs:
+                    shutil.copytree(folder, local, dirs_exist_ok=True)  # to report again, picture included
+                else:
+                    resume_from = local.with_name(local.name + "-resume.pt")  # beside, not inside, the folder
+                    shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
     node = ray.get_runtime_context().get_node_id()
+
+    def trial_figures(metrics: dict) -> dict:
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if best:
+            metrics[BEST_VAL_AP] = max(best)  # the best epoch so far (its checkpoint may not be kept)
+        metrics.update(resumed_from_epoch=resumed_epoch, node_id=node, **{TRIAL_STARTED_AT: started})
+        return metrics
+
+    if resumed_epoch >= cfg.epochs:
+        try:
+            if recorded_epochs is not None and resumed_epoch not in recorded_epochs():
+                report(trial_figures(final), checkpoint=checkpoint_class.from_directory(str(local)))
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        return
     data = load_data(cfg)  # loaded once: the loop and the picture share data and teacher
     teacher, distiller = build_distillation(cfg, data.train.num_classes) if cfg.method != "none" else (None, None)
 
     def on_epoch_end(epoch: int, metrics: dict, written: Path | None) -> None:
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if VAL_AP in metrics:
             best.append(metrics[VAL_AP])
-        if best:
-            metrics[BEST_VAL_AP] = max(best)  # the best epoch so far (its checkpoint may not be kept)
-        metrics.update(resumed_from_epoch=resumed_epoch, node_id=node, **{TRIAL_STARTED_AT: started})
+        metrics = trial_figures(metrics)
         if written is None:
             report(metrics, checkpoint=None)
             return

@@ -16,13 +16,13 @@ from tests.helpers import command_env, study, sweep_command, tiny_space, tune_re
 pytestmark = pytest.mark.ray
 
 
-def _wait_for(condition, timeout: float, what: str):
+def _wait_for(condition, timeout: float, what: str, every: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -71,6 +71,52 @@ def test_a_killed_trial_resumes_from_the_last_checkpoint(tmp_path, mini_data):
     assert history[first_resumed]["epoch"] == resumed + 1
     (trial,) = study(experiment).trials
     assert trial.state.name == "COMPLETE"
+
+
+def test_a_trial_stored_to_its_end_but_never_recorded_ends_when_continued(tmp_path, mini_data):
+    """The driver dies after the trial stored its last epoch's checkpoint and before it recorded that
+    epoch's report (here: the driver is stopped while the trial trains its last epoch, then killed). The
+    continued sweep restores the trial from that checkpoint; it has nothing left to train and reports the
+    epoch from the checkpoint, so Tune, the study and the results end it complete, not an epoch short."""
+    import csv
+
+    epochs = 2
+    space = tiny_space(tmp_path, mini_data, num_samples=1, scheduler={"type": "none"}, budget={"epochs": epochs})
+    storage = tmp_path / "exp"
+    experiment = storage / "tiny"
+    command = sweep_command(space, storage, "--wandb", "off")
+
+    def training_again(trial: psutil.Process, since: float) -> bool:
+        """A trial waits, idle, until the driver takes its report; then it trains the next epoch."""
+        times = trial.cpu_times()
+        return times.user + times.system - since > 0.3
+
+    with (tmp_path / "first.log").open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=command_env(tmp_path))
+        try:
+            (trial,) = _wait_for(lambda: _trial_processes(process.pid), 600, "the trial's process")
+            _wait_for(lambda: epochs - 1 in _checkpointed_epochs(experiment).values(), 600, "the first checkpoint",
+                      every=0.02)
+            times = trial.cpu_times()
+            _wait_for(lambda: training_again(trial, times.user + times.system), 120, "the last epoch", every=0.02)
+            process.send_signal(signal.SIGSTOP)
+            _wait_for(lambda: epochs in _checkpointed_epochs(experiment).values(), 120, "the last epoch's checkpoint")
+            _kill_family(process)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    ((trial_id, stored),) = _checkpointed_epochs(experiment).items()
+    recorded = [r["epoch"] for r in tune_results(experiment).get(trial_id, [])]
+    assert stored == epochs and epochs not in recorded, "the driver recorded the last epoch before it was stopped"
+
+    run = subprocess.run(command, capture_output=True, text=True, env=command_env(tmp_path), timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    history = tune_results(experiment)[trial_id]
+    assert [r["epoch"] for r in history].count(epochs) == 1 and history[-1]["epoch"] == epochs
+    assert history[-1]["resumed_from_epoch"] == epochs  # reported from the checkpoint, not trained again
+    (trial,) = study(experiment).trials
+    assert trial.state.name == "COMPLETE" and trial.value == history[-1]["val/AP"]
+    assert [r["status"] for r in csv.DictReader((experiment / "results.csv").open())] == ["completed"]
 
 
 def _kill_family(process: subprocess.Popen) -> None:
