@@ -17,7 +17,7 @@ from dmkd.errors import UserError
 from dmkd.evaluate import evaluate_detector
 from dmkd.identify import mismatch
 from dmkd.io import atomic_write, read_torch
-from dmkd.metrics import split_figures
+from dmkd.metrics import read_metrics, split_figures
 from dmkd.models import build_detector, load_weights, weights_classes
 from dmkd.pairing import TEACHER_FIX
 from dmkd.weights import categories, labels_by_name
@@ -78,6 +78,19 @@ def teacher_folder(space: SweepSpace, data_paths: DataPaths, cache_root: Path) -
     return cache_root / f"{space.pair.teacher.arch}-{space.pair.teacher.backbone}-{key}"
 
 
+def training_plan(space: SweepSpace, training: Path) -> str:
+    """What the teacher's task will do: train from the start, or continue the run an earlier sweep
+    stopped (its epochs are in ``training``, which ``dmkd.engine.fit`` resumes from)."""
+    what = f"{space.pair.teacher.arch}/{space.pair.teacher.backbone}"
+    try:
+        done = len(read_metrics(training)["epochs"]) if (training / CHECKPOINT_NAME).is_file() else 0
+    except (UserError, KeyError, TypeError):
+        done = 0
+    if done:
+        return f"continuing {what} after epoch {done} of {space.pair.teacher_epochs} (an earlier run stopped there)"
+    return f"training {what} for {space.pair.teacher_epochs} epochs"
+
+
 def ensure_teacher(space: SweepSpace, data_paths: DataPaths, cache_root: Path | None,
                    log=partial(print, flush=True)) -> str | None:
     """The teacher checkpoint path: ``pair.teacher_checkpoint``, or the cached one for this teacher,
@@ -99,9 +112,8 @@ def ensure_teacher(space: SweepSpace, data_paths: DataPaths, cache_root: Path | 
     if final.is_file():
         log(f"teacher: cached at {final}")
         return str(final)
-    log(f"teacher: training {space.pair.teacher.arch}/{space.pair.teacher.backbone} for "
-        f"{space.pair.teacher_epochs} epochs as a Ray task, cached at {final}")
     cfg = teacher_config(space, data_paths, folder / "training")
+    log(f"teacher: {training_plan(space, Path(cfg.out))} as a Ray task, cached at {final}")
     # The CPUs of one node (a task runs on one node, so a cluster's total would never be placed): the
     # teacher trains before any trial, so it may use all of them.
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)

@@ -26,3 +26,17 @@ def test_a_checkpoint_cut_short_while_being_copied_is_not_resumed_from(tmp_path)
     assert stored_epoch(fs, str(cut)) is None
     assert stored_epoch(fs, str(untold)) is None
     assert stored_epoch(fs, str(tmp_path / "checkpoint_000009")) is None
+
+
+def test_a_teacher_run_an_earlier_sweep_stopped_is_announced_as_continued(tmp_path):
+    from orchestrator.space_file import load_space
+    from orchestrator.teacher import training_plan
+
+    space = load_space(None)
+    training = tmp_path / "training"
+    assert training_plan(space, training) == "training fcos/resnet18 for 8 epochs"
+    training.mkdir()
+    write_metrics(training, [{"epoch": 1}, {"epoch": 2}])  # what dmkd.engine.fit writes beside its checkpoint
+    assert training_plan(space, training) == "training fcos/resnet18 for 8 epochs"  # no checkpoint: from the start
+    torch.save({"epoch": 2}, training / CHECKPOINT_NAME)
+    assert training_plan(space, training) == "continuing fcos/resnet18 after epoch 2 of 8 (an earlier run stopped there)"
