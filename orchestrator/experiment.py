@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 from dmkd.config import DataPaths
-from dmkd.errors import UserError
+from dmkd.errors import UserError, one_line
 from dmkd.io import atomic_write_json
 from dmkd.synthetic import ensure_mini_benchmark
 from orchestrator.callbacks import wandb_env
@@ -73,7 +73,12 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
         return
     runtime_env = {"env_vars": env_vars}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        except ConnectionError as error:  # Ray's own message names the address (and, for auto, its variable)
+            reason = one_line(error).split(". ")[0].rstrip(".")
+            raise UserError(f"--address {address}: {reason}; start the cluster first (ray up cluster.yaml, or ray "
+                            f"start --head here), or leave out --address for a local Ray") from None
         return
     # A multi-worker trial's driver function holds one CPU while its Train workers hold theirs: count them
     # on top, and keep the dashboard, whose state API Ray Train's placement-group cleaner asks whether a

@@ -53,3 +53,18 @@ def test_ray_stops_beside_the_driver_and_the_next_start_waits_for_it(restored_en
         stop_ray()
         wait_for_ray()
     assert not ray.is_initialized()
+
+
+def test_joining_a_cluster_that_is_not_there_says_so_in_one_line(tmp_path, mini_data, restored_environ, capsys):
+    """``--address auto`` with no Ray running (this suite runs its Ray tests one at a time, each stopping its
+    Ray): Ray's ConnectionError becomes the user's one line, not a traceback."""
+    from orchestrator import sweep
+    from tests.helpers import tiny_space
+
+    assert not ray.is_initialized()
+    code = sweep.main(["--space", str(tiny_space(tmp_path, mini_data)), "--address", "auto", "--storage",
+                       str(tmp_path / "exp"), "--wandb", "off"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(
+        "error: --address auto: Could not find any running Ray instance; start the cluster first"), err
+    assert not ray.is_initialized()
