@@ -28,7 +28,7 @@ from dmkd.config import parse_assignment
 from dmkd.distillers import search_space
 from dmkd.errors import exit_process, run_command
 from dmkd.provenance import provenance
-from orchestrator.continuing import SETTINGS, check_continues
+from orchestrator.continuing import SETTINGS, check_continues, space_settings
 from orchestrator.grid import load_grid, rows_record
 from orchestrator.space import describe
 from orchestrator.space_file import check_files, load_blaming_command_line
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows_record(grid.rows), "seeds": grid.seeds, "trials": len(grid.rows) * len(grid.seeds),
                 "epochs_per_trial": grid.space.budget.epochs, "tune": dataclasses.asdict(grid.tune),
                 "tuning_trials": tuned, "tuning_seed": grid.tune.seed if tuned else None, "wandb": wandb_mode}
-        settings = {"space": {key: value for key, value in describe(grid.space).items() if key != "name"},
-                    "rows": plan["rows"], "seeds": grid.seeds, "tune": plan["tune"]}
+        settings = {"space": space_settings(grid.space), "rows": plan["rows"], "seeds": grid.seeds, "tune": plan["tune"]}
         if storage.local:
             check_continues(storage.folder(name) / "ablation.json", settings, command="python -m orchestrator.ablate")
         if args.dry_run:

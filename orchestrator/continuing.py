@@ -13,9 +13,15 @@ from typing import Any
 
 from dmkd.errors import UserError
 from dmkd.io import read_json
+from orchestrator.space import SweepSpace, describe
 
 SETTINGS = "settings"  # the record's key
 SHOWN = 3  # differences named in the message; the rest are counted
+
+
+def space_settings(space: SweepSpace) -> dict:
+    """The resolved space as a record keeps it, less its name (``--name`` decides what it is called)."""
+    return {key: value for key, value in describe(space).items() if key != "name"}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

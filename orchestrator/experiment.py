@@ -75,7 +75,7 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
     if address:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-        except ConnectionError as error:  # Ray's own message names the address (and, for auto, its variable)
+        except ConnectionError as error:  # Ray's first sentence says what failed; its advice is Ray's CLI's
             reason = one_line(error).split(". ")[0].rstrip(".")
             raise UserError(f"--address {address}: {reason}; start the cluster first (ray up cluster.yaml, or ray "
                             f"start --head here), or leave out --address for a local Ray") from None

@@ -23,7 +23,7 @@ from pathlib import Path
 from dmkd.config import parse_assignment
 from dmkd.errors import UserError, exit_process, run_command
 from dmkd.provenance import provenance
-from orchestrator.continuing import SETTINGS, check_continues
+from orchestrator.continuing import SETTINGS, check_continues, space_settings
 from orchestrator.space import DEFAULT_SPACE, SweepSpace, describe, paper_default_point
 from orchestrator.space_file import check_files, load_blaming_command_line, load_space
 from orchestrator.storage import Storage, check_name
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         check_files(space, Path(args.space) if args.space else DEFAULT_SPACE)
         if args.resume and storage.local and not (storage.folder(name) / TUNER_STATE).is_file():
             raise UserError(f"--resume: no sweep to continue at {storage.uri(name)}")
-        settings = {key: value for key, value in describe(space).items() if key != "name"}  # --name decides the name
+        settings = space_settings(space)
         if storage.local:
             check_continues(storage.folder(name) / "sweep.json", settings, command="python -m orchestrator.sweep")
         wandb_mode = resolve_wandb_mode(args.wandb)

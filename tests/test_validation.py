@@ -140,7 +140,7 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_file(tmp_p
 
 def test_the_same_name_with_other_settings_stops_before_anything_starts(tmp_path, capsys):
     """The record a sweep wrote when it started (the real sweeps of tests/orchestrator continue theirs)."""
-    from orchestrator.space import describe
+    from orchestrator.continuing import space_settings
 
     experiment = tmp_path / "default"
     experiment.mkdir()
@@ -148,8 +148,7 @@ def test_the_same_name_with_other_settings_stops_before_anything_starts(tmp_path
     (experiment / "sweep.json").write_text(json.dumps({"space": {}}))  # written before settings were kept
     assert sweep.main(args) == 0
     started = load_space(None, [("budget.epochs", 5), ("fixed.lr", 0.001), ("num_samples", 8), ("seed", 3)])
-    settings = {k: v for k, v in describe(started).items() if k != "name"}
-    (experiment / "sweep.json").write_text(json.dumps({"space": {}, "settings": settings}))
+    (experiment / "sweep.json").write_text(json.dumps({"space": {}, "settings": space_settings(started)}))
     capsys.readouterr()
     assert sweep.main(args) == 2
     _one_line(capsys, f"{experiment / 'sweep.json'}: this experiment started with other settings: budget.epochs 5 "
