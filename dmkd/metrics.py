@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dmkd.errors import UserError
 from dmkd.io import atomic_write_json, read_json
 
 METRICS_FILE = "metrics.json"
@@ -43,3 +44,11 @@ def write_metrics(folder: Path, history: list[dict]) -> None:
 def read_metrics(folder: str | Path) -> dict:
     """``{"epochs": [...], "final": {...}}`` of the run whose files are in ``folder``."""
     return read_json(Path(folder) / METRICS_FILE, "run metrics")
+
+
+def epochs_done(folder: str | Path) -> int:
+    """How many epochs the run in ``folder`` recorded; 0 when it recorded none or its metrics cannot be read."""
+    try:
+        return len(read_metrics(folder)["epochs"])
+    except (UserError, KeyError, TypeError):
+        return 0

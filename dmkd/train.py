@@ -23,7 +23,7 @@ from dmkd.config import MINI_STUDENT, MINI_TEACHER, DataPaths, TrainConfig, pars
 from dmkd.distillers import HEAD_METHODS, METHODS
 from dmkd.engine import fit
 from dmkd.errors import UserError, exit_process, run_command
-from dmkd.metrics import read_metrics
+from dmkd.metrics import epochs_done
 from dmkd.models import ARCHITECTURES, BACKBONES, TORCHVISION_DETECTORS, TORCHVISION_FIXED, DetectorConfig
 from dmkd.step import NonFiniteLossError
 
@@ -139,16 +139,10 @@ def _check_out(cfg: TrainConfig, *, overwrite: bool) -> None:
     if cfg.resume and not checkpoint.is_file():
         raise UserError(f"--resume: {checkpoint}: not found (nothing to continue; leave out --resume to start a new run)")
     if not cfg.resume and not overwrite and checkpoint.is_file():
-        raise UserError(f"--out {cfg.out}: holds a run already ({_epochs_done(cfg.out)}{checkpoint}); --resume "
-                        f"continues it, --overwrite starts over in its place, or give another --out")
-
-
-def _epochs_done(out: str) -> str:
-    try:
-        epochs = read_metrics(out)["epochs"]
-        return f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''} in "
-    except (UserError, KeyError, TypeError):  # no metrics.json (yet), or not ours: the checkpoint alone is named
-        return ""
+        done = epochs_done(cfg.out)  # none readable: the checkpoint alone is named
+        held = f"{done} epoch{'s' if done != 1 else ''} in {checkpoint}" if done else str(checkpoint)
+        raise UserError(f"--out {cfg.out}: holds a run already ({held}); --resume continues it, --overwrite starts "
+                        f"over in its place, or give another --out")
 
 
 def main(argv: list[str] | None = None) -> int:

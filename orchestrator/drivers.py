@@ -180,15 +180,13 @@ def run_ablation(grid: Grid, *, name: str, storage: Storage, wandb_mode: str, ad
     distills = any(row.method != "none" for row in grid.rows.values())
     with open_experiment(grid.space, name=name, storage=storage, wandb_mode=wandb_mode, address=address,
                          distills=distills, reference_seeds=grid.seeds) as opened:
+        record = {**record, "teacher_checkpoint": opened.teacher, "data": opened.paths.as_dict()}
         if opened.local:  # before tuning too: a continued ablation is checked against its settings from here on
-            atomic_write_json(opened.folder / "ablation.json", {**record, "teacher_checkpoint": opened.teacher,
-                                                                "data": opened.paths.as_dict()})
+            atomic_write_json(opened.folder / "ablation.json", record)
         rows, tuning = tune_rows(grid, opened, wandb_mode=wandb_mode)
         distilled = {row_name: row for row_name, row in rows.items() if row.method != "none"}
         if opened.local:
-            atomic_write_json(opened.folder / "ablation.json", {**record, "rows": rows_record(rows), "tuning": tuning,
-                                                                "teacher_checkpoint": opened.teacher,
-                                                                "data": opened.paths.as_dict()})
+            atomic_write_json(opened.folder / "ablation.json", {**record, "rows": rows_record(rows), "tuning": tuning})
         failed, trials = 0, 0
         if distilled:
             result_grid = ablation_tuner(grid, distilled, opened, wandb_mode=wandb_mode).fit()

@@ -17,7 +17,7 @@ from dmkd.errors import UserError
 from dmkd.evaluate import evaluate_detector
 from dmkd.identify import mismatch
 from dmkd.io import atomic_write, read_torch
-from dmkd.metrics import read_metrics, split_figures
+from dmkd.metrics import epochs_done, split_figures
 from dmkd.models import build_detector, load_weights, weights_classes
 from dmkd.pairing import TEACHER_FIX
 from dmkd.weights import categories, labels_by_name
@@ -82,10 +82,7 @@ def training_plan(space: SweepSpace, training: Path) -> str:
     """What the teacher's task will do: train from the start, or continue the run an earlier sweep
     stopped (its epochs are in ``training``, which ``dmkd.engine.fit`` resumes from)."""
     what = f"{space.pair.teacher.arch}/{space.pair.teacher.backbone}"
-    try:
-        done = len(read_metrics(training)["epochs"]) if (training / CHECKPOINT_NAME).is_file() else 0
-    except (UserError, KeyError, TypeError):
-        done = 0
+    done = epochs_done(training) if (training / CHECKPOINT_NAME).is_file() else 0
     if done:
         return f"continuing {what} after epoch {done} of {space.pair.teacher_epochs} (an earlier run stopped there)"
     return f"training {what} for {space.pair.teacher_epochs} epochs"

@@ -75,28 +75,25 @@ def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint 
         metrics.update(resumed_from_epoch=resumed_epoch, node_id=node, **{TRIAL_STARTED_AT: started})
         return metrics
 
-    if resumed_epoch >= cfg.epochs:
-        try:
+    try:
+        if resumed_epoch >= cfg.epochs:  # trained to its end before: nothing to train
             if recorded_epochs is not None and resumed_epoch not in recorded_epochs():
                 report(trial_figures(final), checkpoint=checkpoint_class.from_directory(str(local)))
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
-        return
-    data = load_data(cfg)  # loaded once: the loop and the picture share data and teacher
-    teacher, distiller = build_distillation(cfg, data.train.num_classes) if cfg.method != "none" else (None, None)
-
-    def on_epoch_end(epoch: int, metrics: dict, written: Path | None) -> None:
-        if VAL_AP in metrics:
-            best.append(metrics[VAL_AP])
-        metrics = trial_figures(metrics)
-        if written is None:
-            report(metrics, checkpoint=None)
             return
-        if epoch == cfg.epochs and picture:
-            _draw_picture(cfg, data, teacher, local)
-        report(metrics, checkpoint=checkpoint_class.from_directory(str(local)))
+        data = load_data(cfg)  # loaded once: the loop and the picture share data and teacher
+        teacher, distiller = build_distillation(cfg, data.train.num_classes) if cfg.method != "none" else (None, None)
 
-    try:
+        def on_epoch_end(epoch: int, metrics: dict, written: Path | None) -> None:
+            if VAL_AP in metrics:
+                best.append(metrics[VAL_AP])
+            metrics = trial_figures(metrics)
+            if written is None:
+                report(metrics, checkpoint=None)
+                return
+            if epoch == cfg.epochs and picture:
+                _draw_picture(cfg, data, teacher, local)
+            report(metrics, checkpoint=checkpoint_class.from_directory(str(local)))
+
         fit(cfg, distiller=distiller, teacher=teacher, data=data, on_epoch_end=on_epoch_end, progress=False,
             resume_from=resume_from)
     finally:
