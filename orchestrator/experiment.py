@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,22 @@ def wait_for_ray() -> None:
         _stopping = None
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Stop at once when nothing answers at ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``; ``auto`` and
+    other forms are Ray's to check): Ray retries such an address for about a quarter of an hour, printing a
+    warning every few seconds, before it gives up (a mistyped port or host is the usual cause)."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        why = error.strerror or str(error) or type(error).__name__
+        raise UserError(f"--address {address}: nothing answers there ({why}); give the head node's address and "
+                        f"port as `ray start --head` printed it (6379 unless chosen), or --address auto on a node "
+                        f"of the cluster") from None
+
+
 def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
     # The legacy output engine: the only one whose status table takes chosen columns (tuning.StatusTable).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -73,6 +90,7 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
         return
     runtime_env = {"env_vars": env_vars}
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         except ConnectionError as error:  # Ray's first sentence says what failed; its advice is Ray's CLI's

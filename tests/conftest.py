@@ -45,6 +45,17 @@ def mini_data(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture
+def restored_environ():
+    """A sweep or ablation called in-process sets W&B's, Ray's and Tune's variables in this process's
+    environment, which later tests pass on to the commands they start (tests.helpers.command_env): put it
+    back as it was."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
 def small_coco(tmp_path):
     """One 32x32 image with one box: the smallest data set a training run accepts."""
     folder = tmp_path / "img"

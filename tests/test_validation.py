@@ -2,6 +2,7 @@
 written or overwritten (the command lines are called in-process, as their ``main`` functions)."""
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -355,3 +356,36 @@ def test_a_command_line_ends_with_its_exit_code_and_pending_garbage_finalized():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 3, run.stderr
     assert run.stdout.split() == ["finalized", "finalized", "frozen", "True"]
+
+
+def test_an_address_where_nothing_answers_stops_at_once(tmp_path, mini_data, restored_environ, capsys):
+    """A mistyped ``--address HOST:PORT`` stops with one line before Ray starts; Ray itself retries it for
+    about a quarter of an hour. A Ctrl-C sent after 60 s turns a hang into exit code 130 (a failure here)."""
+    import signal
+
+    import ray
+    import yaml
+
+    from orchestrator.space import DEFAULT_SPACE
+
+    with socket.socket() as probe:  # a port nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**yaml.safe_load(DEFAULT_SPACE.read_text()), "data": mini_data.as_dict()}))
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(60)
+    try:
+        code = sweep.main(["--space", str(space), "--address", f"127.0.0.1:{port}", "--storage", str(tmp_path / "exp"),
+                           "--wandb", "off"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 2
+    _one_line(capsys, f"error: --address 127.0.0.1:{port}: nothing answers there (Connection refused); give the "
+                      "head node's address and port")
+    assert not ray.is_initialized() and not (tmp_path / "exp").exists()

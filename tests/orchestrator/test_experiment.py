@@ -27,16 +27,6 @@ def _ray_workers() -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture
-def restored_environ():
-    """start_ray sets Ray's and Tune's variables in this process's environment, which later tests pass on to
-    the sweeps they start (tests.helpers.command_env): put it back as it was."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def test_ray_stops_beside_the_driver_and_the_next_start_waits_for_it(restored_environ):
     os.environ.pop("RAY_prestart_worker_first_driver", None)
     space = load_space()  # one-worker trials
