@@ -29,9 +29,9 @@ from orchestrator.tuning import (
     build_scheduler,
     build_searcher,
     check_finished,
+    fit_tuner,
     make_tuner,
     set_aside_lost_trials,
-    was_interrupted,
 )
 
 
@@ -56,7 +56,8 @@ def _stored(result_grid, storage: Storage, name: str) -> list[StoredTrial]:
 
 def run_sweep(space: SweepSpace, *, name: str, storage: Storage, wandb_mode: str, address: str | None, resume: bool,
               record: dict) -> dict:
-    """The sweep; its result says whether every trial finished (``completed``)."""
+    """The sweep; its result says whether every trial finished (``completed``) or Ctrl-C stopped it first
+    (``interrupted``: Tune returns normally then, after saving what it has)."""
     if resume and not tune.Tuner.can_restore(storage.uri(name)):
         raise UserError(f"--resume: no sweep to continue at {storage.uri(name)}")
     distills = space.method != "none"
@@ -68,18 +69,18 @@ def run_sweep(space: SweepSpace, *, name: str, storage: Storage, wandb_mode: str
         if folder:
             atomic_write_json(folder / "sweep.json", {**record, "teacher_checkpoint": opened.teacher,
                                                       "data": opened.paths.as_dict()})
-        result_grid = tuner.fit()
+        result_grid, interrupted = fit_tuner(tuner)
     set_aside_lost_trials(result_grid, folder, name)
     rows = leaderboard(_stored(result_grid, storage, name), describe(space), reference_ap(folder) if folder else None)
     print("\n" + leaderboard_text(rows))
     if folder:
         _finish_sweep(rows, folder, space, wandb_mode)
-    interrupted = was_interrupted(result_grid)
     if interrupted:
         print("sweep: interrupted before every trial finished; rerun the same command to continue", flush=True)
     finished = [r for r in rows if r.status in ("completed", "stopped early")]
     wait_for_ray()  # stopping beside the report (experiment.stop_ray)
-    return {"rows": rows, "completed": not interrupted and len(finished) == len(rows) == space.num_samples}
+    return {"rows": rows, "interrupted": interrupted,
+            "completed": not interrupted and len(finished) == len(rows) == space.num_samples}
 
 
 def _finish_sweep(rows: list[LeaderboardRow], folder: Path, space: SweepSpace, wandb_mode: str) -> None:
@@ -126,9 +127,9 @@ def tune_row(grid: Grid, row_name: str, row: Row, setup: TrialSetup, *, storage:
           f"{space.seed}, searching {', '.join(space.search)} (TPE, {space.startup_trials} random start-up)", flush=True)
     tuner = search_tuner(space, name=row_name, storage=storage, setup=setup.stored_in(storage.uri(row_name, "train")),
                          wandb_mode=wandb_mode, job_type="tune", reference_file=reference_file, sampler_seed=seed)
-    result_grid = tuner.fit()
+    result_grid, interrupted = fit_tuner(tuner)
     set_aside_lost_trials(result_grid, storage.folder(row_name) if storage.local else None, row_name)
-    check_finished(result_grid, f"tuning of row {row_name}")
+    check_finished(interrupted, f"tuning of row {row_name}")
     trials = _stored(result_grid, storage, row_name)
     rows = leaderboard(trials, describe(space))
     best = write_results(rows, storage.folder(row_name), space) if storage.local else \
@@ -189,9 +190,9 @@ def run_ablation(grid: Grid, *, name: str, storage: Storage, wandb_mode: str, ad
             atomic_write_json(opened.folder / "ablation.json", {**record, "rows": rows_record(rows), "tuning": tuning})
         failed, trials = 0, 0
         if distilled:
-            result_grid = ablation_tuner(grid, distilled, opened, wandb_mode=wandb_mode).fit()
+            result_grid, interrupted = fit_tuner(ablation_tuner(grid, distilled, opened, wandb_mode=wandb_mode))
             set_aside_lost_trials(result_grid, opened.folder if opened.local else None)
-            check_finished(result_grid, "the ablation")
+            check_finished(interrupted, "the ablation")
             failed, trials = sum(1 for result in result_grid if result.error is not None), len(result_grid)
     if storage.local:
         print(f"report: {write_report(storage.folder(name))}")

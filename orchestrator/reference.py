@@ -22,7 +22,7 @@ from orchestrator.cache_key import training_key
 from orchestrator.grid import REFERENCE_ROW
 from orchestrator.space import SweepSpace
 from orchestrator.trial import TrialSetup, run_trial
-from orchestrator.tuning import check_finished, make_tuner, set_aside_lost_trials
+from orchestrator.tuning import check_finished, fit_tuner, make_tuner, set_aside_lost_trials
 
 KEPT = ("epoch", "val/", "test/", "loss/", "pairing/")
 
@@ -56,11 +56,11 @@ def ensure_references(space: SweepSpace, seeds: list[int], setup: TrialSetup, ca
         plain = dataclasses.replace(space, method="none", search={})
         trainable = tune.with_parameters(run_trial, space=plain, setup=setup.stored_in(str(folder / "train")),
                                          rows={"none": REFERENCE_ROW})
-        result_grid = make_tuner(trainable, space=plain, storage_path=str(folder), name=name,
-                                 header=f"reference: none, {space.pair_name}", columns=["seed"], callbacks=[],
-                                 param_space={"row": "none", "seed": tune.grid_search(missing)}).fit()
+        result_grid, interrupted = fit_tuner(make_tuner(trainable, space=plain, storage_path=str(folder), name=name,
+                                                  header=f"reference: none, {space.pair_name}", columns=["seed"],
+                                                  callbacks=[], param_space={"row": "none", "seed": tune.grid_search(missing)}))
         set_aside_lost_trials(result_grid, folder / name)
-        check_finished(result_grid, "the reference training")
+        check_finished(interrupted, "the reference training")
         for result in result_grid:
             seed = result.config["seed"]
             if result.error is not None:

@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = run_sweep(space, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,
                             resume=args.resume, record={"plan": the_plan, "space": describe(space), SETTINGS: settings, **provenance()})
-        return 0 if summary.get("completed") else 1
+        if summary["interrupted"]:
+            return 130  # as a Ctrl-C anywhere else in a command line (dmkd.errors.run_command)
+        return 0 if summary["completed"] else 1
 
     return run_command(run, interrupted="rerun the same command (or add --resume) to continue")
 

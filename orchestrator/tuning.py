@@ -4,6 +4,9 @@ the Optuna searcher and the scheduler of a sweep; the status table; the loggers 
 read; and the rule that nothing of an interrupted run is final."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,10 +111,25 @@ def build_scheduler(space: SweepSpace) -> TrialScheduler:
                          reduction_factor=space.scheduler.reduction_factor)
 
 
-def was_interrupted(result_grid) -> bool:
-    """Tune returns normally when Ctrl-C stops an experiment: trials that neither finished nor failed
-    mean it was interrupted."""
-    return result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+def fit_tuner(tuner: tune.Tuner) -> tuple[tune.ResultGrid, bool]:
+    """``tuner.fit()``, and whether Ctrl-C (SIGINT, or Tune's SIGUSR1) stopped it before its trials ended.
+    Tune then saves its state and returns normally, with the trials it stopped marked TERMINATED like
+    finished ones, so the result alone cannot tell. Tune's own SIGINT handler can: on a stop signal it
+    puts back the handler it replaced; otherwise it stays installed after the run (Ray 2.60). Either way
+    the handler from before is put back here, since a Tune handler left behind swallows the next Ctrl-C
+    (during a report, or between an ablation's Tuners)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        result_grid = tuner.fit()
+    finally:
+        after = signal.getsignal(signal.SIGINT)
+        if main_thread:
+            signal.signal(signal.SIGINT, before)
+    tune_catches = main_thread and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    stopped = tune_catches and after is before
+    unended = result_grid.num_terminated + result_grid.num_errors < len(result_grid)  # trials never stopped
+    return result_grid, stopped or unended
 
 
 def set_aside_lost_trials(result_grid, folder: Path | None, study_name: str | None = None) -> None:
@@ -136,7 +154,7 @@ def set_aside_lost_trials(result_grid, folder: Path | None, study_name: str | No
               flush=True)
 
 
-def check_finished(result_grid, what: str) -> None:
-    """Nothing may be taken as final from an interrupted Tune run."""
-    if was_interrupted(result_grid):
+def check_finished(interrupted: bool, what: str) -> None:
+    """Nothing may be taken as final from an interrupted Tune run (``interrupted``, from :func:`fit_tuner`)."""
+    if interrupted:
         raise KeyboardInterrupt(f"{what} was interrupted")
