@@ -5,7 +5,6 @@ every epoch with the best val AP so far, and a checkpoint folder holding ``check
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from dmkd.distillers import detector_family, method_parameters, picture_of
 from dmkd.engine import Data, fit, load_data
 from dmkd.metrics import BEST_VAL_AP, TRIAL_STARTED_AT, VAL_AP, read_metrics
 from dmkd.pairing import build_distillation
+from orchestrator.scratch import scratch_folder
 
 PICTURE_PNG = "attention.png"
 
@@ -52,30 +52,29 @@ def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint 
     reported, Tune would end the trial at the epoch before, unfinished for good."""
     started = time.time()
     picture = config["picture"]  # read first: a caller that leaves it out fails before training, not after
-    local = Path(tempfile.mkdtemp(prefix=f"dmkd-rank{rank}-"))
-    cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
-    resume_from, resumed_epoch, best, final = None, 0, [], {}
-    if checkpoint is not None:  # continue from the last epoch
-        with checkpoint.as_directory() as folder:
-            if (Path(folder) / CHECKPOINT_NAME).is_file():
-                recorded = read_metrics(folder)
-                resumed_epoch, final = recorded["final"]["epoch"], recorded["final"]
-                best = [e[VAL_AP] for e in recorded["epochs"] if VAL_AP in e]
-                if resumed_epoch >= cfg.epochs:
-                    shutil.copytree(folder, local, dirs_exist_ok=True)  # to report again, picture included
-                else:
-                    resume_from = local.with_name(local.name + "-resume.pt")  # beside, not inside, the folder
-                    shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
-    node = ray.get_runtime_context().get_node_id()
+    with scratch_folder(rank) as local:  # removed at the end, with the checkpoint copy a resume trains from
+        cfg = TrainConfig.from_dict({**config["train"], "out": str(local)})
+        resume_from, resumed_epoch, best, final = None, 0, [], {}
+        if checkpoint is not None:  # continue from the last epoch
+            with checkpoint.as_directory() as folder:
+                if (Path(folder) / CHECKPOINT_NAME).is_file():
+                    recorded = read_metrics(folder)
+                    resumed_epoch, final = recorded["final"]["epoch"], recorded["final"]
+                    best = [e[VAL_AP] for e in recorded["epochs"] if VAL_AP in e]
+                    if resumed_epoch >= cfg.epochs:
+                        shutil.copytree(folder, local, dirs_exist_ok=True)  # to report again, picture included
+                    else:
+                        resume_from = local.with_name(local.name + "-resume.pt")  # beside, not inside, the folder
+                        shutil.copy(Path(folder) / CHECKPOINT_NAME, resume_from)
+        node = ray.get_runtime_context().get_node_id()
 
-    def trial_figures(metrics: dict) -> dict:
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if best:
-            metrics[BEST_VAL_AP] = max(best)  # the best epoch so far (its checkpoint may not be kept)
-        metrics.update(resumed_from_epoch=resumed_epoch, node_id=node, **{TRIAL_STARTED_AT: started})
-        return metrics
+        def trial_figures(metrics: dict) -> dict:
+            metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if best:
+                metrics[BEST_VAL_AP] = max(best)  # the best epoch so far (its checkpoint may not be kept)
+            metrics.update(resumed_from_epoch=resumed_epoch, node_id=node, **{TRIAL_STARTED_AT: started})
+            return metrics
 
-    try:
         if resumed_epoch >= cfg.epochs:  # trained to its end before: nothing to train
             if recorded_epochs is not None and resumed_epoch not in recorded_epochs():
                 report(trial_figures(final), checkpoint=checkpoint_class.from_directory(str(local)))
@@ -96,7 +95,3 @@ def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint 
 
         fit(cfg, distiller=distiller, teacher=teacher, data=data, on_epoch_end=on_epoch_end, progress=False,
             resume_from=resume_from)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-        if resume_from is not None:
-            resume_from.unlink(missing_ok=True)

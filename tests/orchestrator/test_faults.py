@@ -4,13 +4,14 @@ its own process; a test kills only processes that its own sweep started. (The mu
 Train worker group, has its own test: tests/orchestrator/test_sweep.py.)"""
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from orchestrator import sweep
+from orchestrator import scratch, sweep
 from tests.helpers import command_env, study, sweep_command, tiny_space, tune_results, wandb_run_record, wandb_summary
 
 pytestmark = pytest.mark.ray
@@ -50,6 +51,7 @@ def test_a_killed_trial_resumes_from_the_last_checkpoint(tmp_path, mini_data):
                        budget={"epochs": 5, "max_iters": 8})  # ~2 s epochs: the kill lands mid-trial
     storage = tmp_path / "exp"
     experiment = storage / "tiny"
+    scratch_before = set(Path(tempfile.gettempdir()).glob(f"{scratch.PREFIX}*"))
     process = subprocess.Popen(sweep_command(space, storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=command_env(tmp_path))
     try:
@@ -71,6 +73,8 @@ def test_a_killed_trial_resumes_from_the_last_checkpoint(tmp_path, mini_data):
     assert history[first_resumed]["epoch"] == resumed + 1
     (trial,) = study(experiment).trials
     assert trial.state.name == "COMPLETE"
+    # the killed process's scratch folder went with the restarted trial's start
+    assert set(Path(tempfile.gettempdir()).glob(f"{scratch.PREFIX}*")) - scratch_before == set()
 
 
 def test_a_trial_stored_to_its_end_but_never_recorded_ends_when_continued(tmp_path, mini_data):
