@@ -90,7 +90,9 @@ def _draw_image(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[Image.Im
 
 
 def generate_split(spec: SyntheticSpec, out: Path, split: str, count: int, seed_offset: int) -> Path:
-    """Write ``out/split/*.png`` and ``out/split.json``; returns the JSON path."""
+    """Write ``out/split/*.png`` and ``out/split.json``; returns the JSON path. Images numbered beyond
+    ``count`` that an earlier generation left in the folder are removed: the folder holds the split alone
+    (the caches' data key counts its files)."""
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images: list[dict] = []
@@ -108,6 +110,9 @@ def generate_split(spec: SyntheticSpec, out: Path, split: str, count: int, seed_
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                 "bbox": [x0, y0, w, h], "area": float(w * h), "iscrowd": 0,
             })
+    for stale in image_dir.glob("*.png"):  # images of an earlier, larger generation into the same folder
+        if stale.stem.isdigit() and len(stale.stem) == 6 and int(stale.stem) >= count:
+            stale.unlink()
     ann_path = out / f"{split}.json"
     atomic_write_json(ann_path, {
         "info": {"description": "dmkd mini-benchmark", "generator_version": VERSION, "spec": asdict(spec)},

@@ -67,3 +67,17 @@ def test_a_teachers_recorded_figures_count_for_a_copy_of_its_held_out_data(tmp_p
     copy = _copy(mini_data, tmp_path / "elsewhere")
     assert recorded_figures(str(checkpoint), copy) == {"val/AP": 0.4, "test/AP": 0.3}
     assert recorded_figures(str(checkpoint), dataclasses.replace(copy, val_ann=copy.train_ann)) is None
+
+
+def test_the_mini_benchmark_regenerated_smaller_is_the_same_data_as_a_fresh_one(tmp_path):
+    from dmkd.synthetic import SyntheticSpec, ensure_mini_benchmark
+    from orchestrator.cache_key import data_fingerprint
+
+    smaller = SyntheticSpec(train_images=4, val_images=2, test_images=2)
+    ensure_mini_benchmark(tmp_path / "a", SyntheticSpec(train_images=6, val_images=3, test_images=2))
+    regenerated = ensure_mini_benchmark(tmp_path / "a", smaller)
+    fresh = ensure_mini_benchmark(tmp_path / "b", smaller)
+    for split in ("train", "val", "test"):
+        assert sorted(p.name for p in (tmp_path / "a" / split).iterdir()) == \
+            sorted(p.name for p in (tmp_path / "b" / split).iterdir())
+    assert data_fingerprint(regenerated) == data_fingerprint(fresh) and regenerated.train_ann != fresh.train_ann
