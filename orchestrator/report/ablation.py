@@ -131,6 +131,18 @@ def ablation_markdown(table: list[dict], teacher: dict | None, split: str, pairi
     return lines + tuning_markdown(tuning)
 
 
+UNFINISHED_TUNING = "tuning unfinished: rerun the ablation to continue"
+
+
+def recorded_tuning(record: dict) -> dict:
+    """Each row's tuning record (``ablation.json``'s ``tuning``, written once every row is tuned); for an
+    ablation stopped before that, the rows its plan tunes, marked unfinished (not "not tuned")."""
+    if "tuning" in record:
+        return record["tuning"] or {}
+    planned = (record.get("plan") or {}).get("tuning_trials") or {}
+    return {row: {"trials": 0, "epochs": 0, "searched": {}, "chosen": {}, "note": UNFINISHED_TUNING} for row in planned}
+
+
 def ablation_section(experiment: ExperimentRecord, trials: list[StoredTrial], teacher: dict | None, report: dict,
                      out: Path) -> Section:
     """The method table with paired statistics and the per-epoch plot."""
@@ -138,7 +150,8 @@ def ablation_section(experiment: ExperimentRecord, trials: list[StoredTrial], te
     rows = record["rows"]
     reference_row = next((name for name, row in rows.items() if row["method"] == "none"), None)
     trials = trials + (reference_trials(experiment.folder, reference_row) if reference_row else [])
-    table = ablation_table(trials, rows, experiment.budget, record.get("tuning"))
+    tuning = recorded_tuning(record)
+    table = ablation_table(trials, rows, experiment.budget, tuning)
     report["table"] = table
     report["pairing"] = pairing_check(trials)
     split = reporting_split(trials)
@@ -147,7 +160,7 @@ def ablation_section(experiment: ExperimentRecord, trials: list[StoredTrial], te
     report["best_distilled"] = chosen["row"] if chosen else None
     report["seeds"] = record.get("seeds")
     report["tuning_seed"] = (record.get("plan") or {}).get("tuning_seed")
-    lines = ablation_markdown(table, teacher, split, report["pairing"], record.get("tuning") or {},
+    lines = ablation_markdown(table, teacher, split, report["pairing"], tuning,
                               seeds=report["seeds"], tuning_seed=report["tuning_seed"])
     groups = {e["row"]: [t.history for t in trials if t.config.get("row") == e["row"] and not t.failed(experiment.budget)]
               for e in table}

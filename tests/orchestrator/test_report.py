@@ -19,7 +19,13 @@ from orchestrator import ablate
 from orchestrator.experiment import data_paths
 from orchestrator.grid import load_grid
 from orchestrator.reference import ensure_references, reference_folder
-from orchestrator.report.ablation import ablation_markdown, ablation_table, pairing_check
+from orchestrator.report.ablation import (
+    UNFINISHED_TUNING,
+    ablation_markdown,
+    ablation_table,
+    pairing_check,
+    recorded_tuning,
+)
 from orchestrator.report.records import TRIAL_FOLDER, StoredTrial
 from orchestrator.report.stats import holm, paired_difference, summarize
 from orchestrator.space_file import load_space
@@ -148,6 +154,19 @@ def test_table_marks_failures_untuned_rows_and_broken_pairing():
     assert "- dmkd, seed 0: NonFiniteLossError: loss became inf at step 0" in lines and "not tuned (tune: false)" in lines
     assert "| n/a |" in lines  # COCO's -1 for a size without objects
     assert "Pairing: **broken** for seed(s) [1]" in pairing_check(trials)
+
+
+def test_rows_of_an_ablation_stopped_while_tuning_read_unfinished_not_untuned():
+    rows = {"none": {"method": "none", "params": {}}, "fitnet": {"method": "fitnet", "params": {"weight": 0.1}},
+            "mgd": {"method": "mgd", "params": {"alpha": 1e-6, "lambda_mgd": 0.5}}}
+    planned = {"plan": {"tuning_trials": {"fitnet": 4}}}  # ablation.json as written before tuning: no "tuning"
+    tuning = recorded_tuning(planned)
+    table = ablation_table([_trial("none", 0, 0.40)], rows, budget=2, tuning=tuning)
+    cells = {line.split(" | ")[0].strip("| "): line for line in ablation_markdown(table, None, "val", "", tuning)
+             if line.startswith("| ") and " | " in line}
+    assert UNFINISHED_TUNING in cells["fitnet"] and "not tuned" in cells["mgd"] and UNFINISHED_TUNING not in cells["mgd"]
+    finished = {"fitnet": {"trials": 4, "epochs": 2, "searched": {}, "chosen": {}}}
+    assert recorded_tuning({**planned, "tuning": finished}) == finished
 
 
 def _grid(tmp_path, mini_data, grid: dict, name: str) -> Path:
