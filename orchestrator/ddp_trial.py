@@ -29,8 +29,11 @@ class TrainerWithoutDatasets(TorchTrainer):
 
 
 def train_worker(config: dict) -> None:
-    """Runs on every Ray Train worker; torch.distributed is already initialised by Ray."""
-    train_and_report(config, ray.train.get_checkpoint(), ray.train.report, ray.train.get_context().get_world_rank())
+    """Runs on every Ray Train worker; torch.distributed is already initialised by Ray. The epochs Tune
+    recorded for the trial come in ``config`` (``recorded_epochs``: a worker has no Tune context to read them)."""
+    recorded = set(config["recorded_epochs"])
+    train_and_report(config, ray.train.get_checkpoint(), ray.train.report, ray.train.get_context().get_world_rank(),
+                     recorded_epochs=lambda: recorded)
 
 
 def fit_on_worker_group(loop_config: dict, *, space: SweepSpace, train_storage: str, env_vars: dict) -> None:

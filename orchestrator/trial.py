@@ -138,4 +138,5 @@ def run_trial(config: dict, *, space: SweepSpace, setup: TrialSetup, rows: dict[
         return
     from orchestrator.ddp_trial import fit_on_worker_group  # Ray Train: imported only by multi-worker trials
 
-    fit_on_worker_group(loop_config, space=space, train_storage=setup.train_storage, env_vars=setup.env_vars)
+    fit_on_worker_group({**loop_config, "recorded_epochs": sorted(recorded_epochs())}, space=space,
+                        train_storage=setup.train_storage, env_vars=setup.env_vars)

@@ -76,8 +76,8 @@ def train_and_report(config: dict, checkpoint: TrainCheckpoint | TuneCheckpoint 
             return metrics
 
         if resumed_epoch >= cfg.epochs:  # trained to its end before: nothing to train
-            if recorded_epochs is not None and resumed_epoch not in recorded_epochs():
-                report(trial_figures(final), checkpoint=checkpoint_class.from_directory(str(local)))
+            if recorded_epochs is not None and resumed_epoch not in recorded_epochs():  # rank 0 holds checkpoints
+                report(trial_figures(final), checkpoint=checkpoint_class.from_directory(str(local)) if rank == 0 else None)
             return
         data = load_data(cfg)  # loaded once: the loop and the picture share data and teacher
         teacher, distiller = build_distillation(cfg, data.train.num_classes) if cfg.method != "none" else (None, None)

@@ -1,7 +1,8 @@
 """Fault tolerance on a local Ray, on the one-worker path (the trial trains in its Tune trial's process):
 a killed trial process, Ctrl-C and a killed sweep driver, a loss that turns infinite. Each sweep runs as
 its own process; a test kills only processes that its own sweep started. (The multi-worker path, a Ray
-Train worker group, has its own test: tests/orchestrator/test_sweep.py.)"""
+Train worker group, has its own test in tests/orchestrator/test_sweep.py, and a driver killed between a
+stored checkpoint and its record here.)"""
 import signal
 import subprocess
 import tempfile
@@ -34,12 +35,13 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _trial_processes(pid: int) -> list[psutil.Process]:
-    """The processes of the sweep ``pid`` that run a Tune trial (a one-worker trial trains there)."""
+def _trial_processes(pid: int, kind: str = "ImplicitFunc") -> list[psutil.Process]:
+    """The processes of the sweep ``pid`` that run a Tune trial (a one-worker trial trains there), or with
+    ``kind`` RayTrainWorker, the workers of a worker group."""
     found = []
     for process in _descendants(pid):
         try:
-            if "ImplicitFunc" in " ".join(process.cmdline()):
+            if kind in " ".join(process.cmdline()):
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -77,15 +79,18 @@ def test_a_killed_trial_resumes_from_the_last_checkpoint(tmp_path, mini_data):
     assert set(Path(tempfile.gettempdir()).glob(f"{scratch.PREFIX}*")) - scratch_before == set()
 
 
-def test_a_trial_stored_to_its_end_but_never_recorded_ends_when_continued(tmp_path, mini_data):
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "worker-group"])
+def test_a_trial_stored_to_its_end_but_never_recorded_ends_when_continued(tmp_path, mini_data, workers):
     """The driver dies after the trial stored its last epoch's checkpoint and before it recorded that
     epoch's report (here: the driver is stopped while the trial trains its last epoch, then killed). The
     continued sweep restores the trial from that checkpoint; it has nothing left to train and reports the
-    epoch from the checkpoint, so Tune, the study and the results end it complete, not an epoch short."""
+    epoch from the checkpoint, so Tune, the study and the results end it complete, not an epoch short.
+    On both paths: a worker group (Ray Train) restores from its own run's checkpoints."""
     import csv
 
     epochs = 2
-    space = tiny_space(tmp_path, mini_data, num_samples=1, scheduler={"type": "none"}, budget={"epochs": epochs})
+    space = tiny_space(tmp_path, mini_data, num_samples=1, scheduler={"type": "none"}, budget={"epochs": epochs},
+                       resources={"num_workers": workers, "use_gpu": False, "cpus_per_worker": 1})
     storage = tmp_path / "exp"
     experiment = storage / "tiny"
     command = sweep_command(space, storage, "--wandb", "off")
@@ -98,13 +103,16 @@ def test_a_trial_stored_to_its_end_but_never_recorded_ends_when_continued(tmp_pa
     with (tmp_path / "first.log").open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=command_env(tmp_path))
         try:
-            (trial,) = _wait_for(lambda: _trial_processes(process.pid), 600, "the trial's process")
+            trial = _wait_for(lambda: _trial_processes(process.pid, "RayTrainWorker" if workers > 1 else "ImplicitFunc"),
+                              600, "the trial's process")[0]
             _wait_for(lambda: epochs - 1 in _checkpointed_epochs(experiment).values(), 600, "the first checkpoint",
                       every=0.02)
             times = trial.cpu_times()
             _wait_for(lambda: training_again(trial, times.user + times.system), 120, "the last epoch", every=0.02)
             process.send_signal(signal.SIGSTOP)
             _wait_for(lambda: epochs in _checkpointed_epochs(experiment).values(), 120, "the last epoch's checkpoint")
+            if workers > 1:  # and registered by Ray Train's controller (before it reports to Tune): restored from
+                _wait_for(lambda: _registered_epoch(experiment) == epochs, 60, "Ray Train's record of the checkpoint")
             _kill_family(process)
         finally:
             if process.poll() is None:
@@ -121,6 +129,19 @@ def test_a_trial_stored_to_its_end_but_never_recorded_ends_when_continued(tmp_pa
     (trial,) = study(experiment).trials
     assert trial.state.name == "COMPLETE" and trial.value == history[-1]["val/AP"]
     assert [r["status"] for r in csv.DictReader((experiment / "results.csv").open())] == ["completed"]
+
+
+def _registered_epoch(experiment: Path) -> int:
+    """The last epoch whose checkpoint a worker group's Ray Train run has registered (what it restores from)."""
+    import json
+
+    epochs = [0]
+    for snapshot in experiment.glob("train/train-*/checkpoint_manager_snapshot.json"):
+        try:
+            epochs += [r["metrics"]["epoch"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return max(epochs)
 
 
 def _kill_family(process: subprocess.Popen) -> None:
@@ -145,10 +166,11 @@ def _checkpointed_epochs(experiment: Path) -> dict[str, int]:
 
     found: dict[str, int] = {}
     fs = pyarrow.fs.LocalFileSystem()
-    for folder in experiment.glob(f"{TRIAL_FOLDER}*/checkpoint_*"):
+    # a one-worker trial's in Tune's trial folder, a worker group's in its Ray Train run (train/train-<id>)
+    for folder in [*experiment.glob(f"{TRIAL_FOLDER}*/checkpoint_*"), *experiment.glob("train/train-*/checkpoint_*")]:
         epoch = stored_epoch(fs, str(folder))
         if epoch is not None:
-            trial_id = folder.parent.name.removeprefix(TRIAL_FOLDER)
+            trial_id = folder.parent.name.removeprefix(TRIAL_FOLDER).removeprefix("train-")
             found[trial_id] = max(found.get(trial_id, 0), epoch)
     return found
 
