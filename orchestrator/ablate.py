@@ -29,9 +29,9 @@ from dmkd.distillers import search_space
 from dmkd.errors import exit_process, run_command
 from dmkd.provenance import provenance
 from orchestrator.continuing import SETTINGS, check_continues, space_settings
-from orchestrator.grid import load_grid, rows_record
+from orchestrator.grid import Grid, load_grid, rows_record
 from orchestrator.space import describe
-from orchestrator.space_file import check_files, load_blaming_command_line
+from orchestrator.space_file import check_files, check_fits_here, load_blaming_command_line
 from orchestrator.storage import Storage, check_name
 from orchestrator.sweep import WANDB_MODES, resolve_wandb_mode
 
@@ -54,10 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         overrides = [parse_assignment(item, "--set") for item in args.set]
+
+        def fits(grid: Grid) -> Grid:  # on a local Ray: this machine's CPUs and GPUs
+            if args.address is None:
+                check_fits_here(grid.space, grid.base)
+            return grid
+
         grid = load_blaming_command_line(
-            lambda: load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides,
-                              tune_trials=args.tune),
-            lambda: load_grid(args.grid),
+            lambda: fits(load_grid(args.grid, seeds=args.seeds, from_sweep=args.from_sweep, overrides=overrides,
+                                   tune_trials=args.tune)),
+            lambda: fits(load_grid(args.grid)),
             given=bool(overrides or args.seeds is not None or args.tune is not None or args.from_sweep))
         name = check_name(args.name or grid.name)
         storage = Storage.parse(args.storage)

@@ -5,6 +5,7 @@ starts. Every problem is a one-line ``UserError`` naming the file, the key and w
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -244,6 +245,28 @@ def check_files(space: SweepSpace, path: Path) -> None:
     for key, value in space.data.as_dict().items():
         if not Path(value).exists():
             raise _fail(path, f"data.{key}", f"{value}: not found")
+
+
+def check_fits_here(space: SweepSpace, path: Path) -> None:
+    """A local Ray has this machine's CPUs and GPUs, and Tune waits without end for a trial that asks
+    for more (it stays PENDING, silently): refuse such a space before anything starts. (A cluster
+    joined with ``--address`` may add nodes as trials ask for them, so it is not checked.)"""
+    r = space.resources
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    workers = f"{r.num_workers} workers x " if r.worker_group else ""
+    # a worker group's driver holds one CPU more, and a local Ray counts one more per concurrent trial for
+    # it (orchestrator.experiment.start_ray): the workers themselves may take every core
+    if r.num_workers * r.cpus_per_worker > cpus + (space.max_concurrent - 1 if r.worker_group else 0):
+        raise _fail(path, "resources.cpus_per_worker", f"a trial asks for {workers}{r.cpus_per_worker:g} CPUs, more "
+                    f"than this machine's {cpus}, and would wait for them for ever; ask for at most {cpus} in all, or "
+                    f"join a cluster with --address")
+    if r.use_gpu and gpus == 0:
+        raise _fail(path, "resources.use_gpu", "true, but torch sees no GPU on this machine, and a trial would wait "
+                    "for one for ever; set it to false, or join a cluster with GPUs with --address")
+    if r.use_gpu and r.num_workers * r.gpus_per_worker > gpus:
+        raise _fail(path, "resources.gpus_per_worker", f"a trial asks for {workers}{r.gpus_per_worker:g} GPUs, more "
+                    f"than this machine's {gpus}, and would wait for them for ever; ask for at most {gpus}, or join a "
+                    f"cluster with --address")
 
 
 def load_space(path: str | Path | None = None, overrides: Sequence[tuple[str, Any]] = ()) -> SweepSpace:

@@ -389,3 +389,23 @@ def test_an_address_where_nothing_answers_stops_at_once(tmp_path, mini_data, res
     _one_line(capsys, f"error: --address 127.0.0.1:{port}: nothing answers there (Connection refused); give the "
                       "head node's address and port")
     assert not ray.is_initialized() and not (tmp_path / "exp").exists()
+
+
+def test_a_trial_this_machine_cannot_hold_stops_before_anything_starts(tmp_path, capsys):
+    """A local Ray has this machine's cores and GPUs; Tune would leave a larger trial PENDING for ever."""
+    cores = os.cpu_count() or 1
+    too_many = ["--set", f"resources.cpus_per_worker={cores + 1}", "--storage", str(tmp_path / "exp"), "--dry-run"]
+    assert sweep.main(too_many) == 2
+    _one_line(capsys, f"resources.cpus_per_worker: a trial asks for {cores + 1} CPUs, more than this machine's {cores}")
+    assert ablate.main(too_many) == 2
+    _one_line(capsys, f"resources.cpus_per_worker: a trial asks for {cores + 1} CPUs, more than this machine's {cores}")
+    group = ["--set", "resources.num_workers=2", "--set", f"resources.cpus_per_worker={cores / 2 + 0.5:g}",
+             "--storage", str(tmp_path / "exp"), "--dry-run"]
+    assert sweep.main(group) == 2
+    _one_line(capsys, f"a trial asks for 2 workers x {cores / 2 + 0.5:g} CPUs")
+    assert sweep.main([*too_many, "--address", "auto"]) == 0  # a cluster may add nodes for it: not checked
+    capsys.readouterr()
+    if torch.cuda.device_count() == 0:
+        assert sweep.main(["--set", "resources.use_gpu=true", "--storage", str(tmp_path / "exp"), "--dry-run"]) == 2
+        _one_line(capsys, "resources.use_gpu: true, but torch sees no GPU on this machine")
+    assert not (tmp_path / "exp").exists()
