@@ -74,7 +74,7 @@ def run_sweep(space: SweepSpace, *, name: str, storage: Storage, wandb_mode: str
     rows = leaderboard(_stored(result_grid, storage, name), describe(space), reference_ap(folder) if folder else None)
     print("\n" + leaderboard_text(rows))
     if folder:
-        _finish_sweep(rows, folder, space, wandb_mode)
+        _finish_sweep(rows, folder, space, wandb_mode, interrupted)
     if interrupted:
         print("sweep: interrupted before every trial finished; rerun the same command to continue", flush=True)
     finished = [r for r in rows if r.status in ("completed", "stopped early")]
@@ -83,12 +83,12 @@ def run_sweep(space: SweepSpace, *, name: str, storage: Storage, wandb_mode: str
             "completed": not interrupted and len(finished) == len(rows) == space.num_samples}
 
 
-def _finish_sweep(rows: list[LeaderboardRow], folder: Path, space: SweepSpace, wandb_mode: str) -> None:
+def _finish_sweep(rows: list[LeaderboardRow], folder: Path, space: SweepSpace, wandb_mode: str, interrupted: bool) -> None:
     """results.csv, best.json, how the search went (into sweep.json), the report, and where W&B's runs are."""
-    best = write_results(rows, folder, space)
+    best = write_results(rows, folder, space, interrupted=interrupted)
     if best is not None:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items() if v is not None)
-        print(f"\nbest: {trial_folder(best.trial_id)}  {space.objective.metric}={best.figures[space.objective.metric]:.4f}  {params}")
+        print(f"\n{'best so far' if interrupted else 'best'}: {trial_folder(best.trial_id)}  {space.objective.metric}={best.figures[space.objective.metric]:.4f}  {params}")
         print(f"results: {folder / 'results.csv'}, {folder / 'best.json'}")
     search = sweep_search(folder, describe(space))
     atomic_write_json(folder / "sweep.json", {**read_json(folder / "sweep.json", "sweep record"), "search": search})

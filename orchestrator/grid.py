@@ -156,6 +156,9 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
         best = read_json(best_file, "best.json")
         if not (isinstance(best, dict) and all(isinstance(best.get(k, {}), dict) for k in ("train", "distill"))):
             raise UserError(f"{Path(from_sweep) / 'best.json'}: not a sweep's best.json (no 'train' and 'distill' mappings)")
+        if best.get("interrupted"):
+            raise UserError(f"--from-sweep: {best_file}: the best so far of a sweep stopped before its trials finished; "
+                            f"rerun that sweep's command to finish it first")
         fixed = {**space.fixed, **best.get("train", {}), **best.get("distill", {})}
         space = dataclasses.replace(space, fixed=fixed)
     rows = _rows(data, space, path)

@@ -123,6 +123,12 @@ def test_corrupt_experiment_records(tmp_path, capsys):
     (tmp_path / "best.json").write_text("[1, 2")
     assert ablate.main(["--from-sweep", str(tmp_path), "--dry-run"]) == 2
     _one_line(capsys, "best.json: not valid JSON")
+    best = {"trial": "run_trial_x", "train": {}, "distill": {"alpha": 2e-5}}
+    (tmp_path / "best.json").write_text(json.dumps({**best, "interrupted": True}))  # a sweep Ctrl-C stopped
+    assert ablate.main(["--from-sweep", str(tmp_path), "--dry-run"]) == 2
+    _one_line(capsys, "best.json: the best so far of a sweep stopped before its trials finished")
+    (tmp_path / "best.json").write_text(json.dumps({**best, "interrupted": False}))
+    assert ablate.main(["--from-sweep", str(tmp_path), "--dry-run"]) == 0
 
 
 def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_file(tmp_path, capsys):

@@ -88,9 +88,11 @@ def write_csv(path: Path, records: list[dict]) -> None:
     atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
-def write_results(rows: list[LeaderboardRow], folder: Path, space: SweepSpace) -> LeaderboardRow | None:
+def write_results(rows: list[LeaderboardRow], folder: Path, space: SweepSpace, *,
+                  interrupted: bool = False) -> LeaderboardRow | None:
     """``results.csv`` (every trial) and ``best.json`` (the best trial with its full config, split into
-    training and distillation settings); returns the best row."""
+    training and distillation settings; ``interrupted``: the best so far of a sweep Ctrl-C stopped, which
+    ``orchestrator.ablate --from-sweep`` refuses); returns the best row."""
     write_csv(folder / "results.csv", [row.as_dict() for row in rows])
     metric = space.objective.metric
     best = next((row for row in rows if row.figures.get(metric) is not None and row.status != "failed"), None)
@@ -100,7 +102,8 @@ def write_results(rows: list[LeaderboardRow], folder: Path, space: SweepSpace) -
         atomic_write_json(folder / "best.json", {"trial": trial_folder(best.trial_id), "objective": metric,
                                                  "value": best.figures[metric], "params": params, "method": space.method,
                                                  "train": train, "distill": distill,
-                                                 "figures": {k: best.figures.get(k) for k in VAL_FIGURES}})
+                                                 "figures": {k: best.figures.get(k) for k in VAL_FIGURES},
+                                                 "interrupted": interrupted})
     return best
 
 

@@ -3,6 +3,7 @@ a killed trial process, Ctrl-C and a killed sweep driver, a loss that turns infi
 its own process; a test kills only processes that its own sweep started. (The multi-worker path, a Ray
 Train worker group, has its own test in tests/orchestrator/test_sweep.py, and a driver killed between a
 stored checkpoint and its record here.)"""
+import json
 import signal
 import subprocess
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator import scratch, sweep
+from orchestrator import ablate, scratch, sweep
 from tests.helpers import command_env, study, sweep_command, tiny_space, tune_results, wandb_run_record, wandb_summary
 
 pytestmark = pytest.mark.ray
@@ -225,6 +226,10 @@ def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_
 
     at_ctrl_c = run_until(0, tmp_path / "ctrl-c.log", ctrl_c)
     (cut_at_ctrl_c,) = [t for t, e in at_ctrl_c.items() if e < epochs]
+    # the best so far is marked so, and an ablation does not start from it
+    assert json.loads((experiment / "best.json").read_text())["interrupted"] is True
+    assert ablate.main(["--from-sweep", str(experiment), "--dry-run"]) == 2
+    assert "the best so far of a sweep stopped before its trials finished" in capsys.readouterr().err
     # the same command continues, then dies
     at_kill = run_until(1, tmp_path / "killed.log", _kill_family, logged_again=cut_at_ctrl_c)
     assert "continuing" in (tmp_path / "killed.log").read_text()
@@ -234,6 +239,7 @@ def test_a_sweep_survives_ctrl_c_and_a_killed_driver_without_rerunning_finished_
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     final = tune_results(experiment)
     assert len(final) == 2 and all(h[-1]["epoch"] == epochs for h in final.values())
+    assert json.loads((experiment / "best.json").read_text())["interrupted"] is False
     for history in final.values():
         assert [r["epoch"] for r in history].count(epochs) == 1  # finished once, never trained again
     # (Tune keeps a restored trial's result.json lines from its new session only: the lines before the
