@@ -134,8 +134,6 @@ def test_a_trial_stored_to_its_end_but_never_recorded_ends_when_continued(tmp_pa
 
 def _registered_epoch(experiment: Path) -> int:
     """The last epoch whose checkpoint a worker group's Ray Train run has registered (what it restores from)."""
-    import json
-
     epochs = [0]
     for snapshot in experiment.glob("train/train-*/checkpoint_manager_snapshot.json"):
         try:
