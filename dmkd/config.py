@@ -163,6 +163,16 @@ class DataPaths:
 
 
 # The embedded mini-benchmark pair: measured numbers are in the README.
+# A seed seeds torch, and a sweep's seed also Optuna's sampler, which numpy seeds: numpy's range.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int, where: str) -> None:
+    """A seed is a whole number from 0 to :data:`MAX_SEED` (a larger or negative one fails deep in numpy)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{where}: must be a whole number from 0 to {MAX_SEED}, but got {seed}")
+
+
 MINI_TEACHER = DetectorConfig(arch="fcos", backbone="resnet18", fpn_channels=128, image_size=96, head_convs=4)
 MINI_STUDENT = DetectorConfig(arch="fcos", backbone="resnet10_quarter", fpn_channels=64, image_size=96, head_convs=2)
 
@@ -205,6 +215,7 @@ class TrainConfig:
                 raise UserError(f"{name}: must be at least 1, but got {getattr(self, name)}")
         if self.max_iters is not None and self.max_iters < 1:
             raise UserError(f"max_iters: must be at least 1, but got {self.max_iters}")
+        check_seed(self.seed, "seed")
         if self.num_workers < 0:
             raise UserError(f"num_workers: must be 0 (load in the training process) or more, but got {self.num_workers}")
         for name in ("weight_decay", "warmup_iters", "grad_clip"):

@@ -255,5 +255,7 @@ class SeededAugmentation(torch.utils.data.Dataset):
     def __getitem__(self, tagged: int):
         epoch, index = divmod(int(tagged), len(self.dataset))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            # modulo torch's seed range: the same seeds as before for every seed that fitted it, and no
+            # overflow for the rest (a seed of 20000000 raised in the DataLoader)
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**64)
             return self.dataset[index]

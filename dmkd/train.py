@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="images per step and process (default: 8)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: 0.002)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), help="default: adamw")
-    parser.add_argument("--seed", type=int, help="seed of weights, data order and augmentation (default: 0)")
+    parser.add_argument("--seed", type=int, help="seed of weights, data order and augmentation, 0 to 2**32-1 (default: 0)")
     parser.add_argument("--workers", type=int, dest="num_workers",
                         help="DataLoader worker processes (default: 0, load in the training process)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")

@@ -3,9 +3,10 @@ import warnings
 import pytest
 import torch
 
-from dmkd.data import CocoDetection, collate, load_coco, to_coco_results
+from dmkd.config import MAX_SEED, TrainConfig
+from dmkd.data import CocoDetection, SeededAugmentation, collate, load_coco, to_coco_results
 from dmkd.errors import UserError
-from dmkd.transforms import eval_transforms
+from dmkd.transforms import eval_transforms, train_transforms
 from tests.conftest import save_image, write_coco
 
 CATEGORIES = [{"id": 5, "name": "cat"}, {"id": 17, "name": "dog"}, {"id": 90, "name": "bird"}]
@@ -103,3 +104,21 @@ def test_missing_files_and_undecodable_images(tmp_path):
         dataset[0]
     with pytest.raises(UserError, match="image folder not found"):
         CocoDetection(ann, tmp_path / "missing")
+
+
+def test_every_seed_in_range_seeds_the_augmentation_and_others_are_refused(quirky):
+    """A seed of 20000000 made the loader's per-image seed overflow torch's range (a traceback from the
+    DataLoader); every seed from 0 to MAX_SEED now gives its own reproducible flips, and a seed outside
+    that range (which Optuna's sampler could not take either) is refused as a setting."""
+    ann, folder = quirky
+    dataset = CocoDetection(ann, folder, train_transforms(64))
+
+    def flips(seed: int) -> list[float]:  # four epochs of the five images
+        seeded = SeededAugmentation(dataset, seed)
+        return [seeded[tagged][0][..., 0].sum().item() for tagged in range(4 * len(dataset))]
+
+    assert flips(20_000_000) == flips(20_000_000) and flips(MAX_SEED) == flips(MAX_SEED)
+    assert flips(MAX_SEED) != flips(0)
+    for seed in (-1, MAX_SEED + 1):
+        with pytest.raises(UserError, match=f"seed: must be a whole number from 0 to {MAX_SEED}, but got {seed}"):
+            TrainConfig(seed=seed).validate(check_files=False)
