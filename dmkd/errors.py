@@ -18,15 +18,20 @@ class UserError(Exception):
 def one_line(error: BaseException) -> str:
     """The last meaningful line of an error's message.
 
-    A ``UserError`` raised inside a DataLoader worker comes back re-raised with the worker's whole
-    traceback as its message; the user only needs the last line.
+    A ``UserError`` raised inside a DataLoader worker or a Ray task comes back re-raised with the
+    worker's whole traceback as its message; the user only needs the last line.
     """
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
     last = lines[-1]
-    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    # the error's own class, or one it derives from: Ray re-raises a task's UserError as a
+    # RayTaskError(UserError), whose last line names the UserError
+    for kind in type(error).__mro__:
+        prefix = f"{kind.__module__}.{kind.__qualname__}: "
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
 
 
 def run_command(body: Callable[[], int], interrupted: str) -> int:

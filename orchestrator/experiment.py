@@ -90,7 +90,6 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
         return
     runtime_env = {"env_vars": env_vars}
     if address:
-        check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         except ConnectionError as error:  # Ray's first sentence says what failed; its advice is Ray's CLI's
@@ -148,10 +147,23 @@ def open_experiment(space: SweepSpace, *, name: str, storage: Storage, wandb_mod
                     distills: bool, reference_seeds: list[int]) -> Iterator[Experiment]:
     """Yield the :class:`Experiment`; ``distills``: some trial needs the teacher; ``reference_seeds``: the
     seeds whose undistilled reference student the report compares against (trained when missing)."""
-    env_vars = wandb_env(wandb_mode, storage.folder(name) if storage.local else None)
-    os.environ.update(env_vars)
-    paths = data_paths(space)
-    start_ray(address, space, env_vars)
+    # before Ray starts: an address where nothing answers, or a storage that cannot hold the experiment, is
+    # one line; a folder made for an experiment that then cannot start (no cluster, bad data) is removed
+    if address:
+        check_reachable(address)
+    made = storage.local and not storage.folder(name).exists()
+    if storage.local:
+        storage.make(name)
+    try:
+        env_vars = wandb_env(wandb_mode, storage.folder(name) if storage.local else None)
+        os.environ.update(env_vars)
+        paths = data_paths(space)
+        start_ray(address, space, env_vars)
+    except UserError:
+        if made:
+            with contextlib.suppress(OSError):  # only while still empty
+                storage.folder(name).rmdir()
+        raise
     try:
         cache = storage.folder() if storage.local else None  # the teacher and reference caches need a filesystem
         teacher = ensure_teacher(space, paths, cache / "teachers" if cache else None) if distills else None
@@ -159,7 +171,6 @@ def open_experiment(space: SweepSpace, *, name: str, storage: Storage, wandb_mod
         setup = TrialSetup(teacher, paths, storage.uri(name, "train"), env_vars, picture=wandb_mode != "off")
         experiment = Experiment(storage, name, teacher, paths, setup)
         if storage.local:
-            experiment.folder.mkdir(parents=True, exist_ok=True)
             if distills and not (experiment.folder / "teacher.json").is_file():
                 atomic_write_json(experiment.folder / "teacher.json", evaluate_teacher(space, paths, teacher))
         if reference_seeds:

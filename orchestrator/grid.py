@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from dmkd.config import from_dict
+from dmkd.config import check_seed, from_dict
 from dmkd.distillers import check_method, method_parameters, search_space
 from dmkd.errors import UserError
 from dmkd.io import read_json
@@ -167,6 +167,13 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise UserError(f"{path}: seeds: must be a positive integer, but got {count!r}")
     reported = [space.seed + i for i in range(count)]
+    given_tune_seed = isinstance(data.get("tune"), dict) and data["tune"].get("seed") is not None
+    for key, seed in ((f"seeds (the last seed, {space.seed} + {count - 1})", reported[-1]),
+                      ("tune.seed" if given_tune_seed else f"tune.seed (by default the seed + {TUNING_SEED_OFFSET})", tune.seed)):
+        try:
+            check_seed(cast(int, seed), key)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
     if tune.trials and tune.seed in reported:
         raise UserError(f"{path}: tune.seed: {tune.seed} is one of the reported seeds {reported[0]}..{reported[-1]}; "
                         f"a tuning run must not be reported (its selection would bias the table): choose another")

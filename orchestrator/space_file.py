@@ -8,16 +8,18 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import yaml
 
-from dmkd.config import from_dict
+from dmkd.config import check_seed, from_dict
 from dmkd.distillers import check_method, check_parameters, method_parameters
 from dmkd.errors import UserError
+from dmkd.identify import infer_detector, mismatch, saved_config, saved_detector
 from dmkd.models import build_detector, feature_shapes
-from dmkd.weights import check_spec
+from dmkd.pairing import TEACHER_FIX
+from dmkd.weights import check_spec, read_state_dict
 from orchestrator.space import DEFAULT_SPACE, DISTRIBUTIONS, OBJECTIVE_METRICS, SCHEDULERS, TRAIN_KEYS, Param, SweepSpace
 
 
@@ -179,6 +181,10 @@ def _check_run_settings(space: SweepSpace, path: Path) -> None:
                                                     f"{space.scheduler.grace_period}: ASHA would stop nothing")
     if space.scheduler.reduction_factor < 2:
         raise _fail(path, "scheduler.reduction_factor", f"must be at least 2, but got {space.scheduler.reduction_factor}")
+    try:
+        check_seed(space.seed, "seed")
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
     if space.max_failures < 0:
         raise _fail(path, "max_failures", f"must be 0 or more, but got {space.max_failures}")
     if space.searcher.startup_trials is not None and space.searcher.startup_trials < 1:
@@ -242,9 +248,31 @@ def check_files(space: SweepSpace, path: Path) -> None:
     checkpoint = space.pair.teacher_checkpoint
     if checkpoint and not Path(checkpoint).is_file():
         raise _fail(path, "pair.teacher_checkpoint", f"{checkpoint}: file not found")
+    if checkpoint:
+        check_teacher_checkpoint(space, path)
     for key, value in space.data.as_dict().items():
         if not Path(value).exists():
             raise _fail(path, f"data.{key}", f"{value}: not found")
+
+
+def check_teacher_checkpoint(space: SweepSpace, path: Path) -> None:
+    """``pair.teacher_checkpoint`` must hold the weights of the teacher ``pair.teacher`` describes. A file
+    that is no checkpoint, or one of another detector (the student's own, say), would otherwise show only
+    once Ray runs: every trial failing in turn, and the report's teacher row taken from that checkpoint's
+    recorded figures meanwhile. The class count is the checkpoint's own here (the data's is checked when
+    the teacher's figures are read, before any trial)."""
+    checkpoint = cast(str, space.pair.teacher_checkpoint)
+    state = read_state_dict(Path(checkpoint), f"{path}: pair.teacher_checkpoint: {checkpoint}")
+    config = saved_config(checkpoint)
+    classes = (saved_detector(config) if config else infer_detector(state)).get("classes")
+    teacher = dataclasses.replace(space.pair.teacher, image_size=64, min_size=None, weights=None, backbone_weights=None,
+                                  num_classes=classes + 1 if classes else space.pair.teacher.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        detector = build_detector(teacher)
+    try:
+        detector.load_state_dict(state)
+    except RuntimeError:
+        raise _fail(path, "pair.teacher_checkpoint", mismatch(checkpoint, state, teacher, "teacher", TEACHER_FIX)) from None
 
 
 def check_fits_here(space: SweepSpace, path: Path) -> None:

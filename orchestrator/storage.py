@@ -3,6 +3,7 @@ that "is this a folder or a cloud URI" is asked in one place. No Ray here (the c
 before anything starts)."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,14 @@ class Storage:
             return cls(given.rstrip("/"))
         if Path(given).exists() and not Path(given).is_dir():
             raise UserError(f"--storage: {given} exists and is not a folder")
+        # the folder, or the one it would be made in: checked now, not when a run first writes there
+        existing = Path(given).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"--storage: {given}: cannot be made, since {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"--storage: {given}: {existing} is not writable by this user; choose another folder")
         return cls(str(Path(given).resolve()))
 
     @property
@@ -34,6 +43,16 @@ class Storage:
     def uri(self, *parts: str) -> str:
         """What Ray Tune is given: the storage, or a path inside it."""
         return "/".join([self.root, *parts])
+
+    def make(self, *parts: str) -> Path:
+        """Create a folder inside a local storage; one that cannot be made (a read-only or special file
+        system) is a one-line ``UserError`` naming ``--storage``."""
+        folder = self.folder(*parts)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--storage {self.root}: cannot create {folder} ({error.strerror or error})") from None
+        return folder
 
     def folder(self, *parts: str) -> Path:
         """A folder inside a local storage (a cloud storage has none: check ``local`` first)."""

@@ -415,3 +415,68 @@ def test_a_trial_this_machine_cannot_hold_stops_before_anything_starts(tmp_path,
         assert sweep.main(["--set", "resources.use_gpu=true", "--storage", str(tmp_path / "exp"), "--dry-run"]) == 2
         _one_line(capsys, "resources.use_gpu: true, but torch sees no GPU on this machine")
     assert not (tmp_path / "exp").exists()
+
+
+def test_inputs_that_failed_only_once_ray_ran_stop_before_it(tmp_path, capsys):
+    """Each of these passed --dry-run and failed later: a seed outside numpy's range in Optuna's sampler
+    after Ray started (a numpy traceback), a --storage that cannot be made at the experiment's first write
+    (a traceback), and a teacher checkpoint that is no checkpoint, or one of another detector (every trial
+    failed in turn, and the report took that checkpoint's recorded figures for the teacher's)."""
+    from dmkd.config import MAX_SEED
+    from dmkd.models import DetectorConfig, build_detector
+
+    dry = ["--dry-run", "--storage", str(tmp_path / "exp")]
+    assert sweep.main([*dry, "--set", "seed=-1"]) == 2
+    _one_line(capsys, f"default.yaml: seed: must be a whole number from 0 to {MAX_SEED}, but got -1")
+    assert ablate.main([*dry, "--seeds", "3", "--set", f"seed={MAX_SEED}"]) == 2  # its reported seeds run up to seed + 2
+    _one_line(capsys, f"ablation.yaml: seeds (the last seed, {MAX_SEED} + 2): must be a whole number from 0 to {MAX_SEED}")
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert sweep.main(["--dry-run", "--storage", str(a_file / "exp")]) == 2
+    _one_line(capsys, f"--storage: {a_file / 'exp'}: cannot be made, since {a_file} is a file, not a folder")
+
+    def as_teacher(checkpoint):
+        return sweep.main([*dry, "--set", f"pair.teacher_checkpoint={checkpoint}", "--set", "pair.train_teacher=false"])
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    assert as_teacher(garbage) == 2
+    _one_line(capsys, f"default.yaml: pair.teacher_checkpoint: {garbage}: not a readable torch checkpoint")
+    space = load_space()
+    student, teacher = tmp_path / "student.pt", tmp_path / "teacher.pt"
+    for role, file in (("student", student), ("teacher", teacher)):  # the mini-benchmark's 3 classes
+        torch.save({"model": build_detector(DetectorConfig(**{**vars(getattr(space.pair, role)), "num_classes": 4})).state_dict()}, file)
+    assert as_teacher(student) == 2
+    _one_line(capsys, f"default.yaml: pair.teacher_checkpoint: {student}: the checkpoint is fcos/resnet10_quarter with FPN 64, "
+                      "2 head convs and 3 classes; this run's teacher is fcos/resnet18 with FPN 128, 4 head convs and 3 classes")
+    assert as_teacher(teacher) == 0
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where nothing can be made")
+def test_a_storage_that_cannot_be_made_stops_before_ray_starts(tmp_path, restored_environ, capsys):
+    """Made as root too: /proc takes no new folder whoever asks (a permission check would pass for root)."""
+    import ray
+
+    assert sweep.main(["--storage", "/proc/dmkd-sweeps-test", "--wandb", "off", "--set", "resources.cpus_per_worker=1"]) == 2
+    _one_line(capsys, "error: --storage /proc/dmkd-sweeps-test: cannot create /proc/dmkd-sweeps-test/default (")
+    assert not ray.is_initialized()
+
+
+def test_a_user_error_raised_in_a_ray_task_is_told_in_its_own_words():
+    """Ray re-raises a task's UserError as a RayTaskError(UserError), whose message ends with the
+    UserError's class name before the text; the command line printed both."""
+    from ray.exceptions import RayTaskError
+
+    from dmkd.errors import UserError, one_line
+
+    cause = UserError("teacher.pt: the checkpoint is fcos/resnet18 with 80 classes")
+    try:
+        raise cause
+    except UserError:
+        import traceback
+
+        raised = RayTaskError("_evaluate", traceback.format_exc(), cause).as_instanceof_cause()
+    assert isinstance(raised, UserError) and "dmkd.errors.UserError: teacher.pt" in str(raised)
+    assert one_line(raised) == "teacher.pt: the checkpoint is fcos/resnet18 with 80 classes"

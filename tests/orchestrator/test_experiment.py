@@ -62,7 +62,7 @@ def test_joining_a_cluster_that_is_not_there_says_so_in_one_line(tmp_path, mini_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(
         "error: --address auto: Could not find any running Ray instance; start the cluster first"), err
-    assert not ray.is_initialized()
+    assert not ray.is_initialized() and not (tmp_path / "exp" / "tiny").exists()
 
 
 def test_a_ctrl_c_that_tune_takes_is_told_apart_from_a_run_that_ended(tmp_path):
