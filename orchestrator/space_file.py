@@ -275,6 +275,15 @@ def check_teacher_checkpoint(space: SweepSpace, path: Path) -> None:
         raise _fail(path, "pair.teacher_checkpoint", mismatch(checkpoint, state, teacher, "teacher", TEACHER_FIX)) from None
 
 
+def check_searches(space: SweepSpace, path: Path) -> None:
+    """A sweep of several trials must search something: with nothing searched, every trial trains the
+    same settings at the same seed, the same run N times. (An ablation's base space searches nothing on
+    purpose: its rows and seeds are the runs.)"""
+    if not space.search and space.num_samples > 1:
+        raise _fail(path, "search", f"nothing is searched, so each of the {space.num_samples} trials would train the "
+                    f"same settings at the same seed; set num_samples: 1, or compare seeds with python -m orchestrator.ablate")
+
+
 def check_fits_here(space: SweepSpace, path: Path) -> None:
     """A local Ray has this machine's CPUs and GPUs, and Tune waits without end for a trial that asks
     for more (it stays PENDING, silently): refuse such a space before anything starts. (A cluster

@@ -25,7 +25,7 @@ from dmkd.errors import UserError, exit_process, run_command
 from dmkd.provenance import provenance
 from orchestrator.continuing import SETTINGS, check_continues, space_settings
 from orchestrator.space import DEFAULT_SPACE, SweepSpace, describe, paper_default_point
-from orchestrator.space_file import check_files, check_fits_here, load_blaming_command_line, load_space
+from orchestrator.space_file import check_files, check_fits_here, check_searches, load_blaming_command_line, load_space
 from orchestrator.storage import Storage, check_name
 
 WANDB_MODES = ("online", "offline", "off")
@@ -73,13 +73,15 @@ def resolve_space(args: argparse.Namespace) -> SweepSpace:
         overrides.append(("num_samples", args.num_samples))
     if args.max_concurrent is not None:
         overrides.append(("max_concurrent", args.max_concurrent))
-    def fits(space: SweepSpace) -> SweepSpace:  # on a local Ray: this machine's CPUs and GPUs
+    def checked(space: SweepSpace) -> SweepSpace:  # a sweep's own checks; on a local Ray, this machine's CPUs and GPUs
+        path = Path(args.space) if args.space else DEFAULT_SPACE
+        check_searches(space, path)
         if args.address is None:
-            check_fits_here(space, Path(args.space) if args.space else DEFAULT_SPACE)
+            check_fits_here(space, path)
         return space
 
-    return load_blaming_command_line(lambda: fits(load_space(args.space, overrides)), lambda: fits(load_space(args.space)),
-                                     given=bool(overrides))
+    return load_blaming_command_line(lambda: checked(load_space(args.space, overrides)),
+                                     lambda: checked(load_space(args.space)), given=bool(overrides))
 
 
 def plan(space: SweepSpace, name: str, storage: str, wandb_mode: str, address: str | None) -> dict:

@@ -480,3 +480,13 @@ def test_a_user_error_raised_in_a_ray_task_is_told_in_its_own_words():
         raised = RayTaskError("_evaluate", traceback.format_exc(), cause).as_instanceof_cause()
     assert isinstance(raised, UserError) and "dmkd.errors.UserError: teacher.pt" in str(raised)
     assert one_line(raised) == "teacher.pt: the checkpoint is fcos/resnet18 with 80 classes"
+
+
+def test_a_sweep_that_searches_nothing_is_one_trial_not_the_same_run_n_times(tmp_path, capsys):
+    """With nothing searched every trial trained the same settings at the same seed (two identical rows,
+    labelled "random search"); an ablation's base space searches nothing on purpose and is not refused."""
+    dry = ["--dry-run", "--storage", str(tmp_path / "exp"), "--set", "search={}"]
+    assert sweep.main(dry) == 2
+    _one_line(capsys, "default.yaml: search: nothing is searched, so each of the 4 trials would train the same settings")
+    assert sweep.main([*dry, "--num-samples", "1"]) == 0
+    assert ablate.main(dry) == 0
