@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the space, e.g. --set budget.epochs=2 (repeatable)")
-    parser.add_argument("--wandb", choices=WANDB_MODES, help="default: online with an API key, else offline")
+    parser.add_argument("--wandb", choices=WANDB_MODES, help="default: WANDB_MODE when set, else online with an API key, else offline")
     parser.add_argument("--resume", action="store_true", help="continue the sweep of the same name")
     parser.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; no Ray")
     parser.add_argument("--address", help="Ray address to join (e.g. auto); default: start a local Ray")
@@ -58,8 +58,16 @@ def has_wandb_key() -> bool:
         return False
 
 
+# W&B's own variable, as W&B users set it (in CI, on nodes without egress); --wandb wins over it
+WANDB_MODE_VARIABLE = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                       "disabled": "off"}
+
+
 def resolve_wandb_mode(asked: str | None) -> str:
-    """``--wandb``: default online with an API key, else offline; online without a key falls back to offline."""
+    """``--wandb``, else ``WANDB_MODE`` when set, else online with an API key and offline without; online
+    without a key falls back to offline."""
+    if asked is None:
+        asked = WANDB_MODE_VARIABLE.get(os.environ.get("WANDB_MODE", "").strip().lower())
     if asked in (None, "online") and not has_wandb_key():
         if asked == "online":
             print("wandb: no API key found (WANDB_API_KEY or ~/.netrc); logging offline instead", file=sys.stderr)

@@ -307,3 +307,20 @@ def test_dry_run_catches_bad_values_before_anything_is_written(tmp_path, capsys)
     assert "search.spatial_ratio.high" in capsys.readouterr().err
     assert main(["--space", str(path), "--storage", str(tmp_path / "exp"), "--wandb", "off"]) == 2  # not a dry run
     assert not (tmp_path / "exp").exists()
+
+
+def test_the_w_and_b_mode_follows_the_option_then_wandb_mode_then_the_key(tmp_path, monkeypatch):
+    """A W&B user's WANDB_MODE (offline on nodes without egress, disabled in CI) was overruled: with an API
+    key the trials logged online. ``--wandb`` still wins, and online needs a key."""
+    from orchestrator.sweep import resolve_wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode(None) == "offline" and resolve_wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode(None) == "off" and resolve_wandb_mode("offline") == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    assert resolve_wandb_mode(None) == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert resolve_wandb_mode(None) == "offline" and resolve_wandb_mode("online") == "offline"
