@@ -33,7 +33,7 @@ from orchestrator.grid import Grid, load_grid, rows_record
 from orchestrator.space import describe
 from orchestrator.space_file import check_files, check_fits_here, load_blaming_command_line
 from orchestrator.storage import Storage, check_name
-from orchestrator.sweep import WANDB_MODES, resolve_wandb_mode
+from orchestrator.sweep import WANDB_MODES, resolve_address, resolve_wandb_mode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-sweep", help="a finished sweep's folder: its best parameters become the base")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the base space")
     parser.add_argument("--wandb", choices=WANDB_MODES)
-    parser.add_argument("--address", help="Ray address to join (e.g. auto); default: start a local Ray")
+    parser.add_argument("--address", help="Ray address to join (e.g. auto); default: RAY_ADDRESS when set, else start a local Ray")
     parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the plan; no Ray")
     args = parser.parse_args(argv)
 
     def run() -> int:
+        args.address = resolve_address(args.address)
         overrides = [parse_assignment(item, "--set") for item in args.set]
 
         def fits(grid: Grid) -> Grid:  # on a local Ray: this machine's CPUs and GPUs

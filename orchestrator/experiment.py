@@ -113,7 +113,9 @@ def start_ray(address: str | None, space: SweepSpace, env_vars: dict) -> None:
         # one-worker trials they only share the cores with Ray's start and the first trial's, and are
         # stopped once it runs: about 1 CPU-s for nothing (a teacher to train starts its own process, once).
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False, include_dashboard=ray_train)
+    # "local": a Ray of this command's own, also when one that `ray start` left running is on this machine
+    # (Ray would join that one, and refuse the CPU count given here with a traceback)
+    ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False, include_dashboard=ray_train)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb", choices=WANDB_MODES, help="default: WANDB_MODE when set, else online with an API key, else offline")
     parser.add_argument("--resume", action="store_true", help="continue the sweep of the same name")
     parser.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; no Ray")
-    parser.add_argument("--address", help="Ray address to join (e.g. auto); default: start a local Ray")
+    parser.add_argument("--address", help="Ray address to join (e.g. auto); default: RAY_ADDRESS when set, else start a local Ray")
     return parser
 
 
@@ -73,6 +73,20 @@ def resolve_wandb_mode(asked: str | None) -> str:
             print("wandb: no API key found (WANDB_API_KEY or ~/.netrc); logging offline instead", file=sys.stderr)
         return "offline"
     return asked or "online"
+
+
+def resolve_address(given: str | None) -> str | None:
+    """``--address``, else Ray's own ``RAY_ADDRESS`` when it names a cluster (``ray job submit`` sets it for
+    its command, as Ray users rely on); None starts a local Ray of this command's own, also when a Ray that
+    ``ray start`` left running is on this machine (joining that one takes ``--address auto``). An
+    ``http://`` value is the Jobs API's address (for the ``ray job`` command line), not one to join."""
+    if given:
+        return given
+    found = os.environ.get("RAY_ADDRESS", "").strip()
+    if not found or found.startswith(("http://", "https://")):
+        return None
+    print(f"ray: joining the cluster at {found} (RAY_ADDRESS); unset it for a local Ray", file=sys.stderr)
+    return found
 
 
 def resolve_space(args: argparse.Namespace) -> SweepSpace:
@@ -109,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        args.address = resolve_address(args.address)
         space = resolve_space(args)
         name = check_name(args.name or space.name)
         storage = Storage.parse(args.storage)

@@ -88,5 +88,23 @@ def test_sweep_on_a_two_node_cluster(tmp_path, mini_data):
             assert wandb_summary(run_dir, tmp_path)["summary"]["val/delta_AP"] == pytest.approx(expected)
         assert {p["trial_id"] for p in report["pareto_front"]} <= set(records) and report["pareto_front"]
         assert (experiment / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+        # with a cluster running on this machine (its address where `ray start` leaves it), no --address
+        # starts a Ray of the command's own: Ray's own default joined the cluster and refused the CPU count
+        # given with a traceback; Ray's RAY_ADDRESS (what `ray job submit` gives its command) is joined
+        import ray
+
+        from orchestrator.experiment import start_ray, stop_ray, wait_for_ray
+
+        start_ray(None, swept, {})
+        try:
+            assert ray.get_runtime_context().gcs_address != cluster.address and len(ray.nodes()) == 1
+        finally:
+            stop_ray()
+            wait_for_ray()
+        planned = subprocess.run(sweep_command(space, storage, "--dry-run", "--name", "joined"), capture_output=True,
+                                 text=True, env={**command_env(tmp_path), "RAY_ADDRESS": cluster.address}, timeout=300)
+        assert planned.returncode == 0 and json.loads(planned.stdout)["ray"] == cluster.address, planned.stderr
+        assert f"ray: joining the cluster at {cluster.address} (RAY_ADDRESS)" in planned.stderr
     finally:
         cluster.shutdown()
