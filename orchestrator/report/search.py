@@ -33,6 +33,8 @@ def origin_counts(trials) -> dict[str, int]:
 def search_label(counts: dict[str, int], startup: int | None) -> str:
     """What a study really was: TPE only if its model proposed at least one trial."""
     given = f", {counts['given']} given" if counts.get("given") else ""
+    if not counts.get("tpe") and not counts.get("random") and counts.get("given"):
+        return f"no search: the given point only ({counts['given']} trial{'s' if counts['given'] > 1 else ''})"
     if counts.get("tpe"):
         return f"TPE: {counts['tpe']} from its model, {counts.get('random', 0)} random start-up{given}"
     return f"random search (TPE start-up{f' of {startup}' if startup else ''}): {counts.get('random', 0)} random{given}"

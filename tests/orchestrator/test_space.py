@@ -195,6 +195,8 @@ def test_each_trial_records_whether_tpe_or_its_random_start_up_proposed_it(tmp_p
     assert origin_counts(trials) == {"given": 1, "random": 1, "tpe": 2}
     assert search_label(origin_counts(trials), 2).startswith("TPE: 2 from its model")
     assert search_label(origin_counts(trials[:2]), 2).startswith("random search (TPE start-up of 2)")
+    # a one-trial sweep ran the given point alone: neither TPE nor random search
+    assert search_label(origin_counts(trials[:1]), 2) == "no search: the given point only (1 trial)"
 
 
 def test_a_trial_stopped_early_is_pruned_in_the_study(tmp_path):
