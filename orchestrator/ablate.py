@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               "the grid's tune.trials; 0: no tuning)")
     parser.add_argument("--name", help="experiment name (default: the grid's name)")
     parser.add_argument("--storage", default="experiments")
-    parser.add_argument("--from-sweep", help="a finished sweep's folder: its best parameters become the base")
+    parser.add_argument("--from-sweep", help="a finished sweep's folder: its best training settings for every row, "
+                        "its distillation settings for the rows of its loss")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the base space")
     parser.add_argument("--wandb", choices=WANDB_MODES)
     parser.add_argument("--address", help="Ray address to join (e.g. auto); default: RAY_ADDRESS when set, else start a local Ray")
@@ -75,13 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         plan = {"name": name, "experiment": storage.uri(name), "pair": grid.space.pair_name,
                 "rows": rows_record(grid.rows), "seeds": grid.seeds, "trials": len(grid.rows) * len(grid.seeds),
                 "epochs_per_trial": grid.space.budget.epochs, "tune": dataclasses.asdict(grid.tune),
-                "tuning_trials": tuned, "tuning_seed": grid.tune.seed if tuned else None, "wandb": wandb_mode}
+                "tuning_trials": tuned, "tuning_seed": grid.tune.seed if tuned else None, "wandb": wandb_mode,
+                "from_sweep": grid.from_sweep}
         settings = {"space": space_settings(grid.space), "rows": plan["rows"], "seeds": grid.seeds, "tune": plan["tune"]}
         if storage.local:
             check_continues(storage.folder(name) / "ablation.json", settings, command="python -m orchestrator.ablate")
         if args.dry_run:
             print(json.dumps(plan, indent=2))
             return 0
+        if grid.from_sweep:
+            taken = grid.from_sweep
+            print(f"from the sweep ({taken['best']}): its training settings for every row; its {taken['method']} "
+                  f"settings for rows {', '.join(taken['rows']) or '(none of its loss)'}", flush=True)
         from orchestrator.drivers import run_ablation  # Ray, Tune and W&B: not needed for --dry-run
 
         summary = run_ablation(grid, name=name, storage=storage, wandb_mode=wandb_mode, address=args.address,

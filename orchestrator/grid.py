@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from dmkd.config import check_seed, from_dict
-from dmkd.distillers import check_method, method_parameters, search_space
+from dmkd.distillers import check_method, method_parameters, same_loss, search_space
 from dmkd.errors import UserError
 from dmkd.io import read_json
 from orchestrator.space import DEFAULT_SPACE, SCHEDULERS, TRAIN_KEYS, Objective, Param, Searcher, SweepSpace
@@ -68,6 +68,7 @@ class Grid:
     seeds: list[int]  # the reported seeds
     tune: TuneBlock = TuneBlock()
     base: Path = DEFAULT_SPACE  # the base space's file (what its messages name)
+    from_sweep: dict | None = None  # --from-sweep: the best.json read, and which rows took its settings
 
 
 def _rows(data: dict, space: SweepSpace, path: Path) -> dict[str, Row]:
@@ -131,6 +132,46 @@ def _tune_block(data: dict | None, path: Path, trials: int | None, space: SweepS
     return dataclasses.replace(block, epochs=epochs, seed=seed)
 
 
+def _sweep_best(folder: Path) -> dict:
+    """A finished sweep's best.json (``--from-sweep``)."""
+    best_file = folder / "best.json"
+    if not best_file.is_file():
+        raise UserError(f"--from-sweep: {best_file}: not found (has that sweep finished?)")
+    best = read_json(best_file, "best.json")
+    if not (isinstance(best, dict) and all(isinstance(best.get(k, {}), dict) for k in ("train", "distill", "params"))
+            and isinstance(best.get("method"), str)):
+        raise UserError(f"{best_file}: not a sweep's best.json (no 'method', 'params', 'train' and 'distill')")
+    if best.get("interrupted"):
+        raise UserError(f"--from-sweep: {best_file}: the best so far of a sweep stopped before its trials finished; "
+                        f"rerun that sweep's command to finish it first")
+    try:
+        check_method(best["method"], f"{best_file}: method")
+    except UserError as error:
+        raise UserError(f"--from-sweep: {error}") from None
+    return {"file": str(best_file), **best}
+
+
+def rows_from_sweep(rows: dict[str, Row], best: dict, space: SweepSpace, path: Path) -> dict[str, Row]:
+    """``--from-sweep``: the sweep's distillation settings go to the rows of its loss (its method and that
+    method's variants: ``dmkd_spatial`` for a ``dmkd`` sweep), never to another loss's rows (MGD and FGD
+    take an ``alpha`` too, on another scale). In such a row the values the sweep chose (the parameters it
+    searched) replace the row's own, unless the row says ``tune: false`` (its values as written); the
+    sweep's other settings fill in what the row does not set."""
+    chosen = {k: v for k, v in best["distill"].items() if k in best["params"]}
+    others = {k: v for k, v in best["distill"].items() if k not in chosen}
+    changed = dict(rows)
+    for name, row in rows.items():
+        if row.method == "none" or not same_loss(row.method, best["method"]):
+            continue
+        accepted = method_parameters(row.method)
+        params = {**{k: v for k, v in others.items() if k in accepted}, **row.params}
+        if row.tune:
+            params.update({k: v for k, v in chosen.items() if k in accepted})
+        check_values(space, row.method, params, path, f"rows.{name}.params (with --from-sweep {best['file']})")
+        changed[name] = dataclasses.replace(row, params=params)
+    return changed
+
+
 def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_sweep: str | None = None,
               overrides: Sequence[tuple[str, Any]] = (), tune_trials: int | None = None) -> Grid:
     path = Path(path) if path else DEFAULT_GRID
@@ -149,19 +190,15 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     # rows run every epoch (no early stopping): a table compares finished trials only
     space_overrides = [*sets.items(), *overrides, ("scheduler.type", "none"), ("search", {})]
     space = load_space(base, space_overrides)
-    if from_sweep:
-        best_file = Path(from_sweep) / "best.json"
-        if not best_file.is_file():
-            raise UserError(f"--from-sweep: {best_file}: not found (has that sweep finished?)")
-        best = read_json(best_file, "best.json")
-        if not (isinstance(best, dict) and all(isinstance(best.get(k, {}), dict) for k in ("train", "distill"))):
-            raise UserError(f"{Path(from_sweep) / 'best.json'}: not a sweep's best.json (no 'train' and 'distill' mappings)")
-        if best.get("interrupted"):
-            raise UserError(f"--from-sweep: {best_file}: the best so far of a sweep stopped before its trials finished; "
-                            f"rerun that sweep's command to finish it first")
-        fixed = {**space.fixed, **best.get("train", {}), **best.get("distill", {})}
-        space = dataclasses.replace(space, fixed=fixed)
+    best = _sweep_best(Path(from_sweep)) if from_sweep else None
+    if best:  # training settings for every row, so that all rows train alike
+        space = dataclasses.replace(space, fixed={**space.fixed, **best["train"]})
     rows = _rows(data, space, path)
+    taken = None
+    if best:
+        rows = rows_from_sweep(rows, best, space, path)
+        taken = {"best": best["file"], "method": best["method"], "train": best["train"],
+                 "rows": [name for name, row in rows.items() if row.method != "none" and same_loss(row.method, best["method"])]}
     tune = _tune_block(data.get("tune"), path, tune_trials, space)
     count = seeds if seeds is not None else data.get("seeds", DEFAULT_SEEDS)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
@@ -182,7 +219,8 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
         raise UserError(f"{base}: pair.teacher_checkpoint: set a checkpoint path, or train_teacher: true")
     if needs_teacher and space.method == "none":  # load_space checked the pair already for a distilling base
         check_pair(space, base)
-    return Grid(name=str(data.get("name", "ablation")), space=space, rows=rows, seeds=reported, tune=tune, base=base)
+    return Grid(name=str(data.get("name", "ablation")), space=space, rows=rows, seeds=reported, tune=tune, base=base,
+                from_sweep=taken)
 
 
 def sampler_seed(grid_seed: int, row_name: str) -> int:

@@ -123,7 +123,7 @@ def test_corrupt_experiment_records(tmp_path, capsys):
     (tmp_path / "best.json").write_text("[1, 2")
     assert ablate.main(["--from-sweep", str(tmp_path), "--dry-run"]) == 2
     _one_line(capsys, "best.json: not valid JSON")
-    best = {"trial": "run_trial_x", "train": {}, "distill": {"alpha": 2e-5}}
+    best = {"trial": "run_trial_x", "method": "dmkd", "params": {"alpha": 2e-5}, "train": {}, "distill": {"alpha": 2e-5}}
     (tmp_path / "best.json").write_text(json.dumps({**best, "interrupted": True}))  # a sweep Ctrl-C stopped
     assert ablate.main(["--from-sweep", str(tmp_path), "--dry-run"]) == 2
     _one_line(capsys, "best.json: the best so far of a sweep stopped before its trials finished")

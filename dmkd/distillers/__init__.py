@@ -71,6 +71,17 @@ def search_space(method: str) -> dict[str, dict]:
     return {name: spec for part in parts(method) for name, spec in SEARCH_SPACES[part].items()}
 
 
+def same_loss(method: str, other: str) -> bool:
+    """Whether two methods build the same loss, part by part (``dmkd`` and its variants ``dmkd_spatial``,
+    ``dmkd_channel``, ``dmkd_fixed`` do; ``mgd`` and ``fgd``, which both take an ``alpha``, do not)."""
+    check_method(method)
+    check_method(other)
+    def losses(name: str) -> list:
+        return [factory.func if factory else None for factory in (_factories()[part] for part in parts(name))]
+
+    return losses(method) == losses(other)
+
+
 def needs_head(method: str) -> bool:
     return any(part in HEAD_METHODS for part in parts(method))
 

@@ -126,6 +126,31 @@ def test_bad_grids_name_file_and_key(tmp_path):
         load_grid(from_sweep=str(tmp_path))
 
 
+def test_from_sweep_gives_its_settings_to_the_rows_of_its_loss_and_training_settings_to_all(tmp_path):
+    """--from-sweep put the sweep's distillation values among the base's fixed values, where each row's own
+    values won (the default grid's DMKD rows set all of theirs, so the sweep's choice reached none of them)
+    and a row of another loss taking a parameter of the same name got it (MGD's alpha from a DMKD sweep)."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "best.json").write_text(json.dumps({
+        "method": "dmkd", "params": {"alpha": 2e-5, "temperature": 0.5, "lr": 0.003},  # what the sweep searched
+        "train": {"batch_size": 8, "lr": 0.003}, "interrupted": False,
+        "distill": {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.6, "channel_ratio": 0.7}}))
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"base": str(ROOT / "search_spaces" / "default.yaml"), "rows": {
+        "dmkd": {"method": "dmkd", "params": {"alpha": 4e-7, "temperature": 0.25}},
+        "dmkd_spatial": {"method": "dmkd_spatial"},
+        "alpha_off": {"method": "dmkd", "params": {"alpha": 0.0}, "tune": False},  # kept as written
+        "mgd": {"method": "mgd"}}}))
+    grid = load_grid(path, from_sweep=str(sweep))
+    assert grid.space.fixed["lr"] == 0.003 and grid.space.fixed["batch_size"] == 8
+    swept = {"alpha": 2e-5, "temperature": 0.5, "spatial_ratio": 0.6, "channel_ratio": 0.7}
+    assert grid.rows["dmkd"].params == swept and grid.rows["dmkd_spatial"].params == swept
+    assert grid.rows["alpha_off"].params == {"alpha": 0.0, "spatial_ratio": 0.6, "channel_ratio": 0.7}
+    assert grid.rows["mgd"].params == {} and grid.space.train_config({}, method="mgd").distill == {}
+    assert sorted(grid.from_sweep["rows"]) == ["alpha_off", "dmkd", "dmkd_spatial"]
+
+
 def test_a_space_and_a_grid_given_to_the_wrong_command_say_which_command_runs_them():
     space, grid = ROOT / "search_spaces" / "default.yaml", ROOT / "search_spaces" / "methods.yaml"
     with pytest.raises(UserError, match=rf"^{re.escape(str(space))}: a search space .*orchestrator\.sweep --space "):
