@@ -162,7 +162,6 @@ class DataPaths:
         return DataPaths(**{key: str(Path(value).resolve()) for key, value in self.as_dict().items()})
 
 
-# The embedded mini-benchmark pair: measured numbers are in the README.
 # A seed seeds torch, and a sweep's seed also Optuna's sampler, which numpy seeds: numpy's range.
 MAX_SEED = 2**32 - 1
 
@@ -173,6 +172,7 @@ def check_seed(seed: int, where: str) -> None:
         raise UserError(f"{where}: must be a whole number from 0 to {MAX_SEED}, but got {seed}")
 
 
+# The embedded mini-benchmark pair: measured numbers are in the README.
 MINI_TEACHER = DetectorConfig(arch="fcos", backbone="resnet18", fpn_channels=128, image_size=96, head_convs=4)
 MINI_STUDENT = DetectorConfig(arch="fcos", backbone="resnet10_quarter", fpn_channels=64, image_size=96, head_convs=2)
 

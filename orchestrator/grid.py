@@ -151,12 +151,13 @@ def _sweep_best(folder: Path) -> dict:
     return {"file": str(best_file), **best}
 
 
-def rows_from_sweep(rows: dict[str, Row], best: dict, space: SweepSpace, path: Path) -> dict[str, Row]:
+def rows_from_sweep(rows: dict[str, Row], best: dict, space: SweepSpace, path: Path) -> tuple[dict[str, Row], list[str]]:
     """``--from-sweep``: the sweep's distillation settings go to the rows of its loss (its method and that
     method's variants: ``dmkd_spatial`` for a ``dmkd`` sweep), never to another loss's rows (MGD and FGD
     take an ``alpha`` too, on another scale). In such a row the values the sweep chose (the parameters it
     searched) replace the row's own, unless the row says ``tune: false`` (its values as written); the
-    sweep's other settings fill in what the row does not set."""
+    sweep's other settings fill in what the row does not set. Returns the rows, and the names of those
+    of the sweep's loss."""
     chosen = {k: v for k, v in best["distill"].items() if k in best["params"]}
     others = {k: v for k, v in best["distill"].items() if k not in chosen}
     changed = dict(rows)
@@ -169,7 +170,7 @@ def rows_from_sweep(rows: dict[str, Row], best: dict, space: SweepSpace, path: P
             params.update({k: v for k, v in chosen.items() if k in accepted})
         check_values(space, row.method, params, path, f"rows.{name}.params (with --from-sweep {best['file']})")
         changed[name] = dataclasses.replace(row, params=params)
-    return changed
+    return changed, [name for name, row in rows.items() if row.method != "none" and same_loss(row.method, best["method"])]
 
 
 def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_sweep: str | None = None,
@@ -196,9 +197,8 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     rows = _rows(data, space, path)
     taken = None
     if best:
-        rows = rows_from_sweep(rows, best, space, path)
-        taken = {"best": best["file"], "method": best["method"], "train": best["train"],
-                 "rows": [name for name, row in rows.items() if row.method != "none" and same_loss(row.method, best["method"])]}
+        rows, of_its_loss = rows_from_sweep(rows, best, space, path)
+        taken = {"best": best["file"], "method": best["method"], "train": best["train"], "rows": of_its_loss}
     tune = _tune_block(data.get("tune"), path, tune_trials, space)
     count = seeds if seeds is not None else data.get("seeds", DEFAULT_SEEDS)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:

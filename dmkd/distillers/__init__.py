@@ -76,10 +76,11 @@ def same_loss(method: str, other: str) -> bool:
     ``dmkd_channel``, ``dmkd_fixed`` do; ``mgd`` and ``fgd``, which both take an ``alpha``, do not)."""
     check_method(method)
     check_method(other)
-    def losses(name: str) -> list:
-        return [factory.func if factory else None for factory in (_factories()[part] for part in parts(name))]
+    return _losses(method) == _losses(other)
 
-    return losses(method) == losses(other)
+
+def _losses(method: str) -> list:
+    return [factory.func if factory else None for factory in (_factories()[part] for part in parts(method))]
 
 
 def needs_head(method: str) -> bool:
