@@ -40,6 +40,17 @@ def _shape(state: dict, key: str) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def infer_classes(state: dict) -> int | None:
+    """The classes (without the background) a detector's classifier predicts; None where its tensors do not
+    tell. Read from the head's shapes alone: no backbone is built."""
+    scores = _shape(state, "roi_heads.box_predictor.cls_score.weight")
+    if scores:
+        return scores[0] - 1
+    logits = _shape(state, "head.classification_head.cls_logits.weight")
+    boxes = _shape(state, "head.regression_head.bbox_reg.weight")
+    return logits[0] // (boxes[0] // 4) - 1 if logits and boxes else None
+
+
 def infer_detector(state: dict) -> dict:
     """What a plain state dict's shapes say: ``arch`` (family), ``backbone``, ``fpn_channels``,
     ``head_convs`` (dense heads) and ``classes`` (without the background); a key is left out where the
@@ -50,11 +61,11 @@ def infer_detector(state: dict) -> dict:
     boxes = _shape(state, "head.regression_head.bbox_reg.weight")
     if scores:
         found["arch"] = "fasterrcnn"
-        found["classes"] = scores[0] - 1
+        found["classes"] = infer_classes(state)
     elif logits and boxes:
         fcos = _shape(state, "head.regression_head.bbox_ctrness.weight") is not None
         found["arch"] = "fcos" if fcos else "retinanet"
-        found["classes"] = logits[0] // (boxes[0] // 4) - 1
+        found["classes"] = infer_classes(state)
         tower = [k for k, v in state.items() if re.match(r"head\.classification_head\.conv\.\d+\.", k) and v.dim() == 4]
         found["head_convs"] = len(tower)
     lateral = next((v for k, v in state.items() if k.startswith("backbone.fpn.layer_blocks.0") and v.dim() == 4), None)

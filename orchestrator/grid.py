@@ -129,6 +129,7 @@ def _tune_block(data: dict | None, path: Path, trials: int | None, space: SweepS
     if block.scheduler == "asha" and epochs <= space.scheduler.grace_period:
         raise UserError(f"{path}: tune.scheduler: asha needs more than {space.scheduler.grace_period} epochs, but tune.epochs is {epochs}")
     seed = block.seed if block.seed is not None else space.seed + TUNING_SEED_OFFSET
+    check_seed(seed, f"{path}: tune.seed" + ("" if block.seed is not None else f" (by default the seed + {TUNING_SEED_OFFSET})"))
     return dataclasses.replace(block, epochs=epochs, seed=seed)
 
 
@@ -160,17 +161,18 @@ def rows_from_sweep(rows: dict[str, Row], best: dict, space: SweepSpace, path: P
     of the sweep's loss."""
     chosen = {k: v for k, v in best["distill"].items() if k in best["params"]}
     others = {k: v for k, v in best["distill"].items() if k not in chosen}
-    changed = dict(rows)
+    changed, of_its_loss = dict(rows), []
     for name, row in rows.items():
         if row.method == "none" or not same_loss(row.method, best["method"]):
             continue
+        of_its_loss.append(name)
         accepted = method_parameters(row.method)
         params = {**{k: v for k, v in others.items() if k in accepted}, **row.params}
         if row.tune:
             params.update({k: v for k, v in chosen.items() if k in accepted})
         check_values(space, row.method, params, path, f"rows.{name}.params (with --from-sweep {best['file']})")
         changed[name] = dataclasses.replace(row, params=params)
-    return changed, [name for name, row in rows.items() if row.method != "none" and same_loss(row.method, best["method"])]
+    return changed, of_its_loss
 
 
 def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_sweep: str | None = None,
@@ -199,18 +201,12 @@ def load_grid(path: str | Path | None = None, *, seeds: int | None = None, from_
     if best:
         rows, of_its_loss = rows_from_sweep(rows, best, space, path)
         taken = {"best": best["file"], "method": best["method"], "train": best["train"], "rows": of_its_loss}
-    tune = _tune_block(data.get("tune"), path, tune_trials, space)
     count = seeds if seeds is not None else data.get("seeds", DEFAULT_SEEDS)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise UserError(f"{path}: seeds: must be a positive integer, but got {count!r}")
     reported = [space.seed + i for i in range(count)]
-    given_tune_seed = isinstance(data.get("tune"), dict) and data["tune"].get("seed") is not None
-    for key, seed in ((f"seeds (the last seed, {space.seed} + {count - 1})", reported[-1]),
-                      ("tune.seed" if given_tune_seed else f"tune.seed (by default the seed + {TUNING_SEED_OFFSET})", tune.seed)):
-        try:
-            check_seed(cast(int, seed), key)
-        except UserError as error:
-            raise UserError(f"{path}: {error}") from None
+    check_seed(reported[-1], f"{path}: seeds (the last seed, {space.seed} + {count - 1})")
+    tune = _tune_block(data.get("tune"), path, tune_trials, space)
     if tune.trials and tune.seed in reported:
         raise UserError(f"{path}: tune.seed: {tune.seed} is one of the reported seeds {reported[0]}..{reported[-1]}; "
                         f"a tuning run must not be reported (its selection would bias the table): choose another")

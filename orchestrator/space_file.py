@@ -16,7 +16,7 @@ import yaml
 from dmkd.config import check_seed, from_dict
 from dmkd.distillers import check_method, check_parameters, method_parameters
 from dmkd.errors import UserError
-from dmkd.identify import infer_detector, mismatch, saved_config, saved_detector
+from dmkd.identify import infer_classes, mismatch
 from dmkd.models import build_detector, feature_shapes
 from dmkd.pairing import TEACHER_FIX
 from dmkd.weights import check_spec, read_state_dict
@@ -181,10 +181,7 @@ def _check_run_settings(space: SweepSpace, path: Path) -> None:
                                                     f"{space.scheduler.grace_period}: ASHA would stop nothing")
     if space.scheduler.reduction_factor < 2:
         raise _fail(path, "scheduler.reduction_factor", f"must be at least 2, but got {space.scheduler.reduction_factor}")
-    try:
-        check_seed(space.seed, "seed")
-    except UserError as error:
-        raise UserError(f"{path}: {error}") from None
+    check_seed(space.seed, f"{path}: seed")
     if space.max_failures < 0:
         raise _fail(path, "max_failures", f"must be 0 or more, but got {space.max_failures}")
     if space.searcher.startup_trials is not None and space.searcher.startup_trials < 1:
@@ -263,8 +260,7 @@ def check_teacher_checkpoint(space: SweepSpace, path: Path) -> None:
     the teacher's figures are read, before any trial)."""
     checkpoint = cast(str, space.pair.teacher_checkpoint)
     state = read_state_dict(Path(checkpoint), f"{path}: pair.teacher_checkpoint: {checkpoint}")
-    config = saved_config(checkpoint)
-    classes = (saved_detector(config) if config else infer_detector(state)).get("classes")
+    classes = infer_classes(state)
     teacher = dataclasses.replace(space.pair.teacher, image_size=64, min_size=None, weights=None, backbone_weights=None,
                                   num_classes=classes + 1 if classes else space.pair.teacher.num_classes)
     with torch.random.fork_rng(devices=[]):

@@ -27,14 +27,14 @@ class Storage:
         if Path(given).exists() and not Path(given).is_dir():
             raise UserError(f"--storage: {given} exists and is not a folder")
         # the folder, or the one it would be made in: checked now, not when a run first writes there
-        existing = Path(given).resolve()
+        folder = existing = Path(given).resolve()
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
             raise UserError(f"--storage: {given}: cannot be made, since {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"--storage: {given}: {existing} is not writable by this user; choose another folder")
-        return cls(str(Path(given).resolve()))
+        return cls(str(folder))
 
     @property
     def local(self) -> bool:
